@@ -1,0 +1,36 @@
+"""Suite-wide settings: single-threaded torch (CI has 2 cores) and a helper to run the real CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+SUPPORT = REPO / "tests" / "_support"
+sys.path.insert(0, str(SUPPORT))  # test-only classes usable by class_path in-process
+torch.set_num_threads(1)
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``python -m diffusion_lab.cli ARGS`` (the console script's code) in ``cwd``; capture output."""
+    path = os.pathsep.join([str(SUPPORT), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    return subprocess.run(
+        [sys.executable, "-m", "diffusion_lab.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def cli_runner():
+    return run_cli
