@@ -108,6 +108,11 @@ class DiffusionModule(L.LightningModule):
         return batch, None
 
     # ------------------------------------------------------------------ training
+    def on_fit_start(self) -> None:
+        """Losses that need the data set itself (e.g. the Stable Target Field's reference batches) get it here."""
+        if hasattr(self.loss, "setup_reference"):
+            self.loss.setup_reference(self.trainer.datamodule)
+
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x0, labels = self._split_batch(batch)
         loss = self.loss(self.denoiser, x0, **self._cond(labels, dropout=self.label_dropout))
