@@ -79,8 +79,9 @@ class GaussianMixture(nn.Module):
     # ------------------------------------------------------------------ internals
     def _component_terms(self, x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
         """Per-component log(pi_k N(x; mu_k, C_k)) (B, K) and posterior means (B, K, D), float64."""
-        x = x.to(torch.float64).reshape(x.shape[0], -1)
-        s2 = sigma.to(torch.float64).reshape(-1, 1, 1) ** 2  # (B, 1, 1)
+        dtype = self.means.dtype  # float64 unless the module was cast; computations follow the buffers
+        x = x.to(dtype).reshape(x.shape[0], -1)
+        s2 = sigma.to(dtype).reshape(-1, 1, 1) ** 2  # (B, 1, 1)
         diff = x[:, None, :] - self.means[None]  # (B, K, D)
         proj = torch.einsum("bkd,kde->bke", diff, self.evecs)  # coordinates in each eigenbasis
         c = self.evals[None] + s2  # (B, K, D) eigenvalues of C_k
@@ -130,7 +131,7 @@ class GaussianMixture(nn.Module):
         """log p(c | x, sigma) for every class c, (B, C): the exact noise-aware classifier."""
         log_terms, _, _ = self._posterior(x, sigma, None)
         per_class = torch.full(
-            (x.shape[0], self.num_classes), -math.inf, dtype=torch.float64, device=x.device
+            (x.shape[0], self.num_classes), -math.inf, dtype=self.means.dtype, device=x.device
         )
         for c in range(self.num_classes):
             sel = self.component_labels == c

@@ -67,7 +67,8 @@ class DiffusionModule(L.LightningModule):
             raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}")
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
-        self.save_hyperparameters(ignore=["network", "loss", "optimizer", "lr_scheduler"])
+        # Hyperparameters stay plain data (no pickled classes), so checkpoints load with weights_only=True.
+        self.save_hyperparameters(ignore=["network", "loss", "optimizer", "lr_scheduler", "schedule", "sampler"])
         self.denoiser = Denoiser(
             network, parametrization, sigma_data, noise_conditioning, schedule, time_scale
         )

@@ -95,7 +95,7 @@ def test_generate_with_exact_denoiser_matches_class_means():
     land on that class's components (exact posterior of the class given the sample is ~1)."""
     data = GaussianMixture2D(num_train=16, num_val=0)
     model = _module()
-    model.ema.averaged = data.mixture.float()
+    model.ema.averaged = data.mixture
     model.data_shape = (2,)
     labels = torch.arange(3).repeat_interleave(200)
     x = model.generate(600, labels=labels, generator=torch.Generator().manual_seed(0))
