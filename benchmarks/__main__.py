@@ -14,9 +14,14 @@ def available() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    names = sys.argv[1:] if argv is None else argv
+    """``NAME [NAME ...] [-- options passed to each benchmark's argument parser]``."""
+    argv = sys.argv[1:] if argv is None else argv
+    names, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     if not names or names in (["-h"], ["--help"]):
-        print("usage: python -m benchmarks NAME [NAME ...] | all\navailable: " + ", ".join(available()))
+        print(
+            "usage: python -m benchmarks NAME [NAME ...] | all [-- benchmark options]\navailable: "
+            + ", ".join(available())
+        )
         return 0 if names else 2
     if names == ["all"]:
         names = available()
@@ -26,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for name in names:
         print(f"== benchmark {name}")
+        sys.argv = [f"benchmarks.{name}", *extra]  # each benchmark's argparse sees only its own options
         importlib.import_module(f"benchmarks.{name}").main()
     return 0
 

@@ -27,7 +27,11 @@ def train_cached(name: str, configs: list[Path], overrides: list[str] = ()) -> P
     run_dir = CACHE / name / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
     args = ["fit"] + [a for c in configs for a in ("--config", str(c))]
-    args += [f"--trainer.logger.init_args.save_dir={run_dir}", "--trainer.enable_progress_bar=true", *overrides]
+    args += [
+        f"--trainer.logger.init_args.save_dir={run_dir}",
+        "--trainer.enable_progress_bar=true",
+        *overrides,
+    ]
     main(args)
     checkpoints = sorted(run_dir.rglob("last.ckpt"))
     if not checkpoints:

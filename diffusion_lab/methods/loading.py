@@ -14,7 +14,12 @@ import lightning as L
 
 from diffusion_lab.pretrained.safe_load import load_state_dict_file
 
-CPU_TRAINER = ("--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.logger=false")
+CPU_TRAINER = (
+    "--trainer.accelerator=cpu",
+    "--trainer.devices=1",
+    "--trainer.strategy=auto",
+    "--trainer.logger=false",
+)
 
 
 def build_from_config(
@@ -26,7 +31,11 @@ def build_from_config(
     paths = [configs] if isinstance(configs, (str, Path)) else list(configs)
     args = [a for p in paths for a in ("--config", str(p))] + list(CPU_TRAINER) + list(overrides)
     cli = DiffusionLabCLI(
-        args=args, run=False, subclass_mode_model=True, subclass_mode_data=True, auto_configure_optimizers=False
+        args=args,
+        run=False,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
     )
     return cli.model, cli.datamodule
 
