@@ -7,8 +7,9 @@ Data shape is written once, in the DataModule: before instantiation the CLI read
 ``num_channels`` and ``resolution`` from the configured DataModule and sets them on the model and on its network
 wherever their constructors take an argument of that name (``num_classes -> num_classes``, ``num_channels ->
 in_channels`` (or ``dim`` for vector nets), ``resolution -> resolution``). This is
-``link_arguments(apply_on="instantiate")`` generalised to any model/network pair: a static link would fail for networks that lack one of the targets
-(an MLP has no ``resolution``), and a value set by hand that contradicts the data is an error, not an override.
+``link_arguments(apply_on="instantiate")`` generalised to any model/network pair: a static link would fail for
+networks that lack one of the targets (an MLP has no ``resolution``). A value set by hand that differs from both
+the data and the constructor default is an error, not a silent override.
 """
 
 from __future__ import annotations
