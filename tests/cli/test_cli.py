@@ -10,7 +10,7 @@ import torch
 from probes import read_probe
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from diffusion_lab.cli import DiffusionLabCLI
+from diffusion_lab.cli import DiffusionLabCLI, main
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
@@ -117,7 +117,13 @@ def test_class_path_swaps_take_effect(tmp_path, monkeypatch):
 
 def test_contradicting_link_is_an_error(tmp_path, cli_runner):
     result = cli_runner(
-        ["fit", "--config", QUICKSTART, "--model.init_args.network.init_args.in_channels=2", "--trainer.max_steps=1"],
+        [
+            "fit",
+            "--config",
+            QUICKSTART,
+            "--model.init_args.network.init_args.in_channels=2",
+            "--trainer.max_steps=1",
+        ],
         tmp_path,
     )
     assert result.returncode != 0
@@ -163,3 +169,20 @@ def test_ddp_two_processes_end_with_identical_weights(tmp_path, cli_runner):
     assert rank0["global_step"] == rank1["global_step"] == 8
     assert rank0["weights"] == rank1["weights"] and rank0["ema"] == rank1["ema"]
     assert read_probe(probe, 0)[0]["weights"] != rank0["weights"]  # it did train
+
+
+def test_print_config_is_complete_and_reusable(tmp_path, cli_runner, monkeypatch):
+    """``fit --print_config`` emits a config that parses again into the same model (linked values included)."""
+    printed = cli_runner(["fit", "--config", QUICKSTART, "--print_config"], tmp_path)
+    assert printed.returncode == 0, printed.stderr[-2000:]
+    saved = tmp_path / "printed.yaml"
+    saved.write_text(printed.stdout)
+    assert (
+        "class_path: diffusion_lab.nets.unet.UNet" in printed.stdout and "guidance_w: 0.5" in printed.stdout
+    )
+    monkeypatch.chdir(tmp_path)
+    cli = main(
+        ["fit", "--config", str(saved), "--trainer.fast_dev_run=true", "--trainer.enable_progress_bar=false"]
+    )
+    assert cli.trainer.state.finished and cli.model.num_classes == 10 and cli.model.sampler.guidance_w == 0.5
+    assert cli.model.denoiser.network.in_channels == 1
