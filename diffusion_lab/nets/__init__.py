@@ -1,0 +1,1 @@
+"""Backbones: plain nn.Modules conditioned on the noise level, labels and extra scalars."""
