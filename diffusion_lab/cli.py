@@ -92,6 +92,14 @@ def link_data_to_model(config: Namespace) -> None:
 class DiffusionLabCLI(LightningCLI):
     """LightningCLI that links data shape to the model generically (see module docstring)."""
 
+    def _parse_ckpt_path(self) -> None:
+        """The config is authoritative; ``--ckpt_path`` supplies tensors only.
+
+        Lightning would re-apply the checkpoint's saved hyperparameters over the parsed config, silently undoing
+        command-line choices such as ``--model.predict_num_samples`` at predict time. Our checkpoints are loaded
+        with the run's full config (network and loss are never hyperparameters), so that step is skipped.
+        """
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         link_data_to_model(config)

@@ -9,8 +9,10 @@ LightningCLI can link them to the network with ``apply_on="instantiate"``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import LightningDataModule, LightningModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -147,7 +149,13 @@ class DataModuleBase(LightningDataModule):
         dataset = self._dataset("val_set", "test")
         return [] if dataset is None else self._loader(dataset, train=False)
 
-    def predict_dataloader(self) -> DataLoader | list:
+    def predict_dataloader(self) -> Any:
+        """``predict`` runs over the model's own inputs where it defines them (a generative model's sample
+        indices: Lightning would otherwise prefer the DataModule's hook), else over the test split."""
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        hook = getattr(type(model), "predict_dataloader", None)
+        if model is not None and hook is not LightningModule.predict_dataloader:
+            return model.predict_dataloader()
         return self.test_dataloader()
 
 

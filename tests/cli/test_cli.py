@@ -19,6 +19,7 @@ FAST = [
     "--trainer.limit_val_batches=1",
     "--trainer.check_val_every_n_epoch=1",
     "--trainer.enable_progress_bar=false",
+    "--trainer.log_every_n_steps=1",
     "--model.init_args.sampler.steps=2",
     "--model.init_args.network.init_args.base_channels=8",
 ]
@@ -157,6 +158,7 @@ def test_ddp_two_processes_end_with_identical_weights(tmp_path, cli_runner):
             "--trainer.max_steps=8",
             "--trainer.limit_val_batches=0",
             "--trainer.enable_progress_bar=false",
+    "--trainer.log_every_n_steps=1",
             "--trainer.logger=false",
             "--data.init_args.num_train=2048",
             "--trainer.callbacks+=probes.StateProbe",
