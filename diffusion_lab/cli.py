@@ -116,5 +116,11 @@ def main(args: list[str] | None = None) -> DiffusionLabCLI:
     )
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The ``diffusion-lab`` console script: exit status 0 on success (``main`` returns the CLI object, which
+    ``sys.exit`` would print and turn into status 1)."""
     main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    run()

@@ -18,11 +18,12 @@ torch.set_num_threads(1)
 
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run ``python -m diffusion_lab.cli ARGS`` (the console script's code) in ``cwd``; capture output."""
+    """Run the installed console script ``diffusion-lab ARGS`` (the user's entry point, exit code included) in
+    ``cwd``; capture output."""
     path = os.pathsep.join([str(SUPPORT), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     return subprocess.run(
-        [sys.executable, "-m", "diffusion_lab.cli", *args],
+        [str(Path(sys.executable).parent / "diffusion-lab"), *args],
         cwd=cwd,
         env=env,
         capture_output=True,
