@@ -10,6 +10,9 @@ in_channels`` (or ``dim`` for vector nets), ``resolution -> resolution``). This 
 ``link_arguments(apply_on="instantiate")`` generalised to any model/network pair: a static link would fail for
 networks that lack one of the targets (an MLP has no ``resolution``). A value set by hand that differs from both
 the data and the constructor default is an error, not a silent override.
+
+Every run gets the reliability defaults (exact-resume RNG state, NaN/Inf guard, preemption checkpoint, atomic
+checkpoint writes; ``diffusion_lab.reliability.defaults``); ``--reliability false`` leaves the Trainer as configured.
 """
 
 from __future__ import annotations
@@ -20,7 +23,10 @@ import sys
 from typing import Any
 
 from jsonargparse import Namespace
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch import Trainer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from diffusion_lab.reliability.defaults import with_reliability
 
 # (attribute of the DataModule, constructor argument that receives it)
 DATA_LINKS: tuple[tuple[str, str], ...] = (
@@ -90,7 +96,23 @@ def link_data_to_model(config: Namespace) -> None:
 
 
 class DiffusionLabCLI(LightningCLI):
-    """LightningCLI that links data shape to the model generically (see module docstring)."""
+    """LightningCLI that links data shape to the model generically and adds the reliability defaults."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--reliability",
+            type=bool,
+            default=True,
+            help="add ExactResume, NaNGuard, Preemption and AtomicCheckpointIO to the Trainer (docs/reliability.md)",
+        )
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        if self._get(self.config, "reliability", default=True):
+            kwargs = {
+                **kwargs,
+                **with_reliability({**self._get(self.config_init, "trainer", default={}), **kwargs}),
+            }
+        return super().instantiate_trainer(**kwargs)
 
     def _parse_ckpt_path(self) -> None:
         """The config is authoritative; ``--ckpt_path`` supplies tensors only.

@@ -16,6 +16,8 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from diffusion_lab.reliability.resumable_sampler import ResumableDataLoader
+
 
 class TensorImageDataset(Dataset):
     """In-memory (images, labels) with an optional random horizontal flip (p = 0.5) per item.
@@ -73,6 +75,10 @@ class DataModuleBase(LightningDataModule):
 
     Subclasses set ``self.train_set``, ``self.val_set`` (and optionally ``self.test_set``) in ``setup``
     and define the properties ``num_channels``, ``resolution`` and ``num_classes``.
+
+    The training loader is a ``reliability.ResumableDataLoader``: its order is a seeded function of
+    (``PL_GLOBAL_SEED``, epoch), split across DDP ranks, and its position is saved in checkpoints, so a run
+    resumed mid-epoch continues with exactly the next batch.
     """
 
     def __init__(
@@ -121,14 +127,25 @@ class DataModuleBase(LightningDataModule):
         return getattr(self, name)
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        options = {
+            "num_workers": self.num_workers,
+            "persistent_workers": self.num_workers > 0,
+            "pin_memory": self.pin_memory,
+        }
+        if train:  # stateful: a run resumed mid-epoch continues with the next batch (reliability/)
+            trainer = self.trainer
+            return ResumableDataLoader.for_training(
+                dataset,
+                self.batch_size,
+                drop_last=self.drop_last,
+                num_replicas=trainer.world_size if trainer is not None else 1,
+                rank=trainer.global_rank if trainer is not None else 0,
+                **options,
+            )
+        # Its own generator: creating the iterator draws a worker base seed, which must not come from the
+        # global RNG (Lightning also iterates it when resuming at an epoch boundary; exact resume needs that).
         return DataLoader(
-            dataset,
-            batch_size=self.batch_size if train else self.val_batch_size,
-            shuffle=train,
-            drop_last=self.drop_last and train,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=self.pin_memory,
+            dataset, batch_size=self.val_batch_size, shuffle=False, generator=torch.Generator(), **options
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -22,6 +22,7 @@ from diffusion_lab.diffusion.losses import DenoisingLoss
 from diffusion_lab.diffusion.schedules import NoiseSchedule
 from diffusion_lab.methods.ema import EMA
 from diffusion_lab.methods.sampling import GuidedSamplerConfig, generate
+from diffusion_lab.reliability.nan_guard import nonfinite_loss, update_skipped
 
 
 class DiffusionModule(L.LightningModule):
@@ -68,7 +69,9 @@ class DiffusionModule(L.LightningModule):
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
         # Hyperparameters stay plain data (no pickled classes), so checkpoints load with weights_only=True.
-        self.save_hyperparameters(ignore=["network", "loss", "optimizer", "lr_scheduler", "schedule", "sampler"])
+        self.save_hyperparameters(
+            ignore=["network", "loss", "optimizer", "lr_scheduler", "schedule", "sampler"]
+        )
         self.denoiser = Denoiser(
             network, parametrization, sigma_data, noise_conditioning, schedule, time_scale
         )
@@ -117,17 +120,15 @@ class DiffusionModule(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x0, labels = self._split_batch(batch)
         loss = self.loss(self.denoiser, x0, **self._cond(labels, dropout=self.label_dropout))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite training loss {loss.item()} at global step {self.global_step} "
-                f"(batch {batch_idx}); lower the learning rate or check the data"
-            )
+        if nonfinite_loss(self, loss):  # the NaNGuard skips this update (without one: FloatingPointError)
+            return loss
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=x0.shape[0])
         return loss
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
-        self.ema.update(self.denoiser)
+        if not update_skipped(self):
+            self.ema.update(self.denoiser)
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
         """Validation loss of the EMA denoiser, with noise drawn from a per-batch seed (comparable across epochs)."""
