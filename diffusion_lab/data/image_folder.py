@@ -80,10 +80,23 @@ def _to_8bit(im: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), mode="L")
 
 
+def default_min_size(resolution: int) -> int:
+    """Smallest accepted shorter side by default: ``resolution // 4`` (at least 2), i.e. at most 4x upscaling."""
+    return max(2, resolution // 4)
+
+
 def load_image(
-    path: Path, resolution: int, channels: int = 3, interpolation: Interpolation = "bicubic"
+    path: Path,
+    resolution: int,
+    channels: int = 3,
+    interpolation: Interpolation = "bicubic",
+    min_size: int | None = None,
 ) -> Tensor:
-    """Decode, convert, resize the shorter side to ``resolution``, centre-crop: (C, R, R) uint8 tensor."""
+    """Decode, convert, resize the shorter side to ``resolution``, centre-crop: (C, R, R) uint8 tensor.
+
+    An image whose shorter side is below ``min_size`` (default :func:`default_min_size`) is a
+    ``BadImageError``: upscaling a thumbnail or a 1x1 placeholder would only train on blur.
+    """
     if path.stat().st_size == 0:
         raise BadImageError(f"cannot read image {str(path)!r}: the file is empty (0 bytes)")
     try:
@@ -97,6 +110,12 @@ def load_image(
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise BadImageError(f"cannot read image {str(path)!r}: {err}") from err
     w, h = im.size
+    smallest = default_min_size(resolution) if min_size is None else min_size
+    if min(w, h) < smallest:
+        raise BadImageError(
+            f"image {str(path)!r} is {w}x{h}, smaller than the minimum shorter side {smallest} for resolution "
+            f"{resolution} (set min_image_size to accept it, or on_bad_image: skip to drop such files)"
+        )
     scale = resolution / min(w, h)
     new_size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
     if new_size != (w, h):
@@ -119,17 +138,21 @@ class ImageFileDataset(Dataset):
         channels: int,
         interpolation: Interpolation,
         random_flip: bool,
+        min_size: int | None = None,
     ) -> None:
         self.files, self.labels = list(files), torch.as_tensor(list(labels), dtype=torch.long)
         self.resolution, self.channels, self.interpolation = resolution, channels, interpolation
-        self.random_flip = random_flip
+        self.random_flip, self.min_size = random_flip, min_size
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         x = (
-            load_image(self.files[index], self.resolution, self.channels, self.interpolation).float() / 127.5
+            load_image(
+                self.files[index], self.resolution, self.channels, self.interpolation, self.min_size
+            ).float()
+            / 127.5
             - 1
         )
         if self.random_flip and torch.rand(()) < 0.5:
@@ -150,9 +173,11 @@ class ImageFolder(DataModuleBase):
         seed: seed of the split.
         interpolation: PIL resampling filter of the resize.
         extensions: file suffixes counted as images (case-insensitive).
-        on_bad_image: ``raise`` -- an unreadable, empty or truncated file raises ``BadImageError`` naming
-            it when it is loaded; ``skip`` -- every file is decoded once in ``setup`` and bad ones are
-            dropped, counted in ``skipped_files`` and reported in a logged warning.
+        on_bad_image: ``raise`` -- an unreadable, empty, truncated or too small file raises
+            ``BadImageError`` naming it when it is loaded; ``skip`` -- every file is decoded once in ``setup``
+            and bad ones are dropped, counted in ``skipped_files`` and reported (with the reasons) in a logged
+            warning.
+        min_image_size: smallest accepted shorter side in pixels (default ``max(2, resolution // 4)``).
         cache: decode every image once in ``setup`` and keep them in memory as uint8 (small folders).
         batch_size, num_workers, val_batch_size, drop_last, pin_memory: see ``DataModuleBase``.
 
@@ -171,6 +196,7 @@ class ImageFolder(DataModuleBase):
         interpolation: Interpolation = "bicubic",
         extensions: Sequence[str] = IMAGE_EXTENSIONS,
         on_bad_image: Literal["raise", "skip"] = "raise",
+        min_image_size: int | None = None,
         cache: bool = False,
         batch_size: int = 64,
         num_workers: int = 0,
@@ -189,7 +215,10 @@ class ImageFolder(DataModuleBase):
             raise ValueError(f"interpolation must be one of {sorted(_PIL_FILTERS)}, got {interpolation!r}")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if min_image_size is not None and min_image_size < 1:
+            raise ValueError(f"min_image_size must be >= 1 pixel, got {min_image_size}")
         self.save_hyperparameters()
+        self.min_image_size = min_image_size
         self.root = Path(root)
         self.files, self.labels, self.classes = find_images(self.root, extensions)
         self._resolution, self._channels = resolution, channels
@@ -211,24 +240,29 @@ class ImageFolder(DataModuleBase):
 
     def _decode_all(self) -> tuple[list[Path], list[int], list[Tensor]]:
         """Decode every file once; drop (skip mode) or raise on bad ones."""
-        files, labels, images = [], [], []
+        files, labels, images, reasons = [], [], [], []
         for path, label in zip(self.files, self.labels):
             try:
-                image = load_image(path, self._resolution, self._channels, self.interpolation)
-            except BadImageError:
+                image = load_image(
+                    path, self._resolution, self._channels, self.interpolation, self.min_image_size
+                )
+            except BadImageError as err:
                 if self.on_bad_image == "raise":
                     raise
                 self.skipped_files.append(path)
+                reasons.append(str(err))
                 continue
             files.append(path)
             labels.append(label)
             images.append(image)
         if self.skipped_files:
             log.warning(
-                "skipped %d unreadable images in %s (first: %s)",
+                "skipped %d unreadable images in %s:\n  %s",
                 len(self.skipped_files),
                 self.root,
-                self.skipped_files[0],
+                "\n  ".join(
+                    reasons[:20] + ([f"... and {len(reasons) - 20} more"] if len(reasons) > 20 else [])
+                ),
             )
         if not files:
             raise FileNotFoundError(
@@ -262,6 +296,7 @@ class ImageFolder(DataModuleBase):
                 self._channels,
                 self.interpolation,
                 flip,
+                self.min_image_size,
             )
 
         self.train_set = subset(train_idx, self.random_flip)
@@ -272,6 +307,7 @@ __all__ = [
     "BadImageError",
     "IMAGE_EXTENSIONS",
     "ImageFileDataset",
+    "default_min_size",
     "ImageFolder",
     "find_images",
     "load_image",
