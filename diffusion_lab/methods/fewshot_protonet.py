@@ -125,10 +125,12 @@ class EpisodicModule(L.LightningModule):
     def _report(self, stage: str) -> None:
         self.results[stage] = {}
         for key, accs in sorted(self._accuracies.items()):
-            mean, ci = mean_confidence_interval(torch.stack(accs))
-            self.results[stage][key] = (mean, ci, len(accs))
-            self.log(f"{stage}/acc_{key}", mean, sync_dist=True)
-            self.log(f"{stage}/ci95_{key}", ci, sync_dist=True)
+            # every rank's episodes (DDP shards them): the interval is over all of them, not a mean of intervals
+            episodes = self.all_gather(torch.stack(accs).to(self.device)).reshape(-1).cpu()
+            mean, ci = mean_confidence_interval(episodes)
+            self.results[stage][key] = (mean, ci, episodes.numel())
+            self.log(f"{stage}/acc_{key}", mean)
+            self.log(f"{stage}/ci95_{key}", ci)
         self._accuracies.clear()
 
     def on_validation_epoch_start(self) -> None:
