@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from diffusion_lab.data.episodes import EpisodeSampler, episode_key
 from diffusion_lab.methods.fewshot_losses import mean_confidence_interval, protonet_logits, prototypes
+from diffusion_lab.reliability.nan_guard import nonfinite_loss
 
 log = logging.getLogger(__name__)
 
@@ -165,11 +166,9 @@ class EpisodicModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _check_loss(self, loss: Tensor, batch_idx: int) -> None:
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite training loss {loss.item()} at step {self.global_step} (batch {batch_idx}); "
-                f"lower the learning rate or raise the temperature"
-            )
+        """A non-finite loss is handed to the trainer's NaNGuard, which skips the update (the CLI adds one by
+        default); without a guard it raises ``FloatingPointError`` naming the step."""
+        nonfinite_loss(self, loss)
 
     def on_fit_end(self) -> None:
         if self.export_path == "" or self.trainer.global_rank != 0:
