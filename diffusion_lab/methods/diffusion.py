@@ -20,12 +20,13 @@ from torch import Tensor, nn
 from diffusion_lab.diffusion.denoiser import Denoiser, NoiseConditioning, Parametrization
 from diffusion_lab.diffusion.losses import DenoisingLoss
 from diffusion_lab.diffusion.schedules import NoiseSchedule
+from diffusion_lab.methods.data_shape import DataShapeMixin
 from diffusion_lab.methods.ema import EMA
 from diffusion_lab.methods.sampling import GuidedSamplerConfig, generate
 from diffusion_lab.reliability.nan_guard import nonfinite_loss, update_skipped
 
 
-class DiffusionModule(L.LightningModule):
+class DiffusionModule(DataShapeMixin, L.LightningModule):
     """Denoising diffusion training with EMA, label dropout and sampling through the sampler suite.
 
     Args:
@@ -175,23 +176,6 @@ class DiffusionModule(L.LightningModule):
             device=self.device,
             unit_noise=unit_noise,
         )
-
-    @property
-    def data_shape(self) -> tuple[int, ...]:
-        """Shape of one sample; set from the DataModule (``data_shape``) by the CLI or the trainer."""
-        shape = getattr(self, "_data_shape", None)
-        if shape is None and self._trainer is not None:
-            datamodule = getattr(self.trainer, "datamodule", None)
-            shape = getattr(datamodule, "data_shape", None)
-        if shape is None:
-            raise RuntimeError(
-                "data_shape is unknown: attach a DataModule with `data_shape` or set model.data_shape"
-            )
-        return tuple(shape)
-
-    @data_shape.setter
-    def data_shape(self, value: tuple[int, ...]) -> None:
-        self._data_shape = tuple(value)
 
     # ------------------------------------------------------------------ predict
     def predict_dataloader(self) -> Any:

@@ -30,6 +30,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from diffusion_lab.data.trajectories import write_trajectories
+from diffusion_lab.methods.data_shape import DataShapeMixin
 from diffusion_lab.methods.diffusion import DiffusionModule
 from diffusion_lab.methods.distillation_student import (
     add_guidance_embedding,
@@ -118,7 +119,7 @@ def trajectory_loss(
     return (per_frame * weight).mean()
 
 
-class DSNO(L.LightningModule):
+class DSNO(DataShapeMixin, L.LightningModule):
     """Diffusion sampling with a neural operator (module docstring).
 
     Args:
@@ -198,18 +199,6 @@ class DSNO(L.LightningModule):
     @property
     def teacher(self) -> nn.Module:
         return self._teacher[0]
-
-    @property
-    def data_shape(self) -> tuple[int, ...]:
-        if self._data_shape is None:
-            raise RuntimeError(
-                "data_shape is unknown: give data_shape= or a teacher_config with a DataModule"
-            )
-        return self._data_shape
-
-    @data_shape.setter
-    def data_shape(self, value: tuple[int, ...]) -> None:
-        self._data_shape = tuple(value)
 
     # ------------------------------------------------------------------ initialisation and data
     def init_from_teacher(self) -> None:

@@ -50,6 +50,7 @@ from diffusion_lab.diffusion.distillation import (
 )
 from diffusion_lab.diffusion.losses import UniformTimeSigma, Weighting, loss_weight
 from diffusion_lab.diffusion.schedules import NoiseSchedule, VPCosine
+from diffusion_lab.methods.data_shape import DataShapeMixin
 from diffusion_lab.methods.diffusion import DiffusionModule
 from diffusion_lab.methods.distillation_student import (
     GUIDANCE_KEY,
@@ -67,7 +68,7 @@ from diffusion_lab.methods.ema import EMA
 Condition = Literal["labels", "text_emb"]
 
 
-class GuidedDistillation(L.LightningModule):
+class GuidedDistillation(DataShapeMixin, L.LightningModule):
     """Guided distillation, stage 1 then progressive halving, in one ``fit`` (module docstring).
 
     Args:
@@ -172,7 +173,7 @@ class GuidedDistillation(L.LightningModule):
             teacher_module = load_teacher(teacher_config)  # the architecture; weights at fit start
             teacher = teacher_denoiser(teacher_module)
             null_label = getattr(teacher_module, "null_label", None) if null_label is None else null_label
-            if hasattr(teacher_module, "_data_shape"):
+            if getattr(teacher_module, "_data_shape", None) is not None:
                 self._data_shape = teacher_module.data_shape
         self.teacher = teacher.eval().requires_grad_(False)
         self.derived_student = student is None
@@ -449,22 +450,6 @@ class GuidedDistillation(L.LightningModule):
             generator=generator,
             options=config.options,
         )
-
-    @property
-    def data_shape(self) -> tuple[int, ...]:
-        """Shape of one sample, from the DataModule (or the teacher's config)."""
-        shape = getattr(self, "_data_shape", None)
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        shape = getattr(datamodule, "data_shape", None) or shape
-        if shape is None:
-            raise RuntimeError(
-                "data_shape is unknown: attach a DataModule with `data_shape` or set model.data_shape"
-            )
-        return tuple(shape)
-
-    @data_shape.setter
-    def data_shape(self, value: tuple[int, ...]) -> None:
-        self._data_shape = tuple(value)
 
     # ------------------------------------------------------------------ predict
     # ``sample``: ``predict_num_samples`` draws like DiffusionModule (per-index seeds, labels cycling over the
