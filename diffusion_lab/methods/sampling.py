@@ -34,7 +34,12 @@ class GuidedSamplerConfig(SamplerConfig):
     guidance_w: float = 0.0
 
     def with_overrides(self, **kw: Any) -> GuidedSamplerConfig:
-        return replace(self, **{k: v for k, v in kw.items() if v is not None})
+        """A copy with the given (non-None) fields replaced. A new ``method`` without new ``options`` starts
+        from none: the old method's options (e.g. Langevin's ``step_size``) belong to that method."""
+        kw = {k: v for k, v in kw.items() if v is not None}
+        if kw.get("method", self.method) != self.method and "options" not in kw:
+            kw["options"] = {}
+        return replace(self, **kw)
 
 
 @torch.no_grad()
