@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from diffusion_lab.diffusion.denoiser import append_dims, broadcast_sigma
 from diffusion_lab.diffusion.losses import LogNormalSigma, SigmaSampler
+from diffusion_lab.methods.lr_schedules import optimizer_with_step_schedule
 
 
 class NoiseAwareClassifier(L.LightningModule):
@@ -110,11 +111,9 @@ class NoiseAwareClassifier(L.LightningModule):
         self.validation_step(batch, batch_idx)
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.network.parameters())
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optimizer_with_step_schedule(
+            self.network.parameters(), self.optimizer_factory, self.lr_scheduler_factory
+        )
 
 
 __all__ = ["NoiseAwareClassifier"]

@@ -22,6 +22,7 @@ from diffusion_lab.diffusion.losses import DenoisingLoss
 from diffusion_lab.diffusion.schedules import NoiseSchedule
 from diffusion_lab.methods.data_shape import DataShapeMixin
 from diffusion_lab.methods.ema import EMA
+from diffusion_lab.methods.lr_schedules import optimizer_with_step_schedule
 from diffusion_lab.methods.sampling import GuidedSamplerConfig, generate
 from diffusion_lab.reliability.nan_guard import nonfinite_loss, update_skipped
 
@@ -142,11 +143,9 @@ class DiffusionModule(DataShapeMixin, L.LightningModule):
         return loss
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.denoiser.parameters())
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optimizer_with_step_schedule(
+            self.denoiser.parameters(), self.optimizer_factory, self.lr_scheduler_factory
+        )
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()

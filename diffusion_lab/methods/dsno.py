@@ -40,6 +40,7 @@ from diffusion_lab.methods.distillation_student import (
     teacher_denoiser,
 )
 from diffusion_lab.methods.ema import EMA
+from diffusion_lab.methods.lr_schedules import optimizer_with_step_schedule
 from diffusion_lab.methods.sampling import GuidedSamplerConfig, generate
 from diffusion_lab.nets.temporal import FRAME_CONDITION, TemporalBlock, TrajectoryOperator
 
@@ -326,11 +327,7 @@ class DSNO(DataShapeMixin, L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         factory = self.optimizer_factory or (lambda p: torch.optim.Adam(p, lr=2e-4))
-        optimizer = factory(self.operator.parameters())
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optimizer_with_step_schedule(self.operator.parameters(), factory, self.lr_scheduler_factory)
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()

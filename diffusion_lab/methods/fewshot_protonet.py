@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from diffusion_lab.data.episodes import EpisodeSampler, episode_key
 from diffusion_lab.methods.fewshot_losses import mean_confidence_interval, protonet_logits, prototypes
+from diffusion_lab.methods.lr_schedules import optimizer_with_step_schedule
 from diffusion_lab.reliability.nan_guard import nonfinite_loss
 
 log = logging.getLogger(__name__)
@@ -159,11 +160,9 @@ class EpisodicModule(L.LightningModule):
         return [p for p in self.parameters() if p.requires_grad]
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.trainable_parameters())
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optimizer_with_step_schedule(
+            self.trainable_parameters(), self.optimizer_factory, self.lr_scheduler_factory
+        )
 
     def _check_loss(self, loss: Tensor, batch_idx: int) -> None:
         """A non-finite loss is handed to the trainer's NaNGuard, which skips the update (the CLI adds one by

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 
 def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int, final_lr_fraction: float) -> float:
@@ -54,3 +56,18 @@ class WarmupConstant(LambdaLR):
 
     def _factor(self, step: int) -> float:
         return min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+
+
+def optimizer_with_step_schedule(
+    parameters: Iterable[Any],
+    optimizer_factory: Callable[[Iterable[Any]], Optimizer],
+    lr_scheduler_factory: Callable[[Optimizer], LRScheduler] | None = None,
+) -> Optimizer | dict[str, Any]:
+    """What ``configure_optimizers`` returns for every method here: the optimiser over ``parameters`` and, when
+    a scheduler factory is given, that scheduler stepped once per optimisation step (``interval: step``; the
+    warmup/cosine schedules above count steps, not epochs)."""
+    optimizer = optimizer_factory(parameters)
+    if lr_scheduler_factory is None:
+        return optimizer
+    scheduler = lr_scheduler_factory(optimizer)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
