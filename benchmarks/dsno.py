@@ -18,10 +18,11 @@ Headline (``dsno.json``): ``margin`` = (best training-free FID below 8 steps) - 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
-from benchmarks._common import markdown_table, write_results
+from benchmarks._common import RESULTS_DIR, markdown_table, write_results
 from benchmarks._models import CACHE, REPO, digits_teacher, train_cached
 from benchmarks.guided_distillation import Evaluator, timed
 from diffusion_lab.data.trajectories import TrajectoryData
@@ -98,7 +99,11 @@ def main(argv: list[str] | None = None) -> None:
         student = load_module(REPO / "configs" / "distillation" / "digits.yaml", student_ckpt)
         sampler = {"steps": 1, "guidance_w": 0.5, "method": "ddim"}
         record(
-            "guided distillation", "ddim", 1, 1, lambda z, y: student.generate(len(z), y, None, sampler, z)
+            "guided distillation",
+            "ddim",
+            1,
+            1,
+            lambda z, y: student.generate(len(z), y, None, sampler, unit_noise=z),
         )
 
     free = [r["fid"] for r in rows if r["model"].startswith("teacher") and r["steps"] < 8]
@@ -113,12 +118,43 @@ def main(argv: list[str] | None = None) -> None:
             for r in rows
         ],
     )
+    plot_fid_vs_nfe(rows, RESULTS_DIR / "dsno.png")
     write_results(
         "dsno",
         f"# DSNO on digits (1 network evaluation) vs training-free samplers\n\n{__doc__}\n\n{table}\n\n"
-        f"margin (best training-free FID below 8 steps - DSNO FID) = {headline['margin']:.4g}",
-        headline,
+        f"margin (best training-free FID below 8 steps - DSNO FID) = {headline['margin']:.4g}\n\n"
+        "![FID vs network evaluations](dsno.png)",
+        {**headline, "rows": rows},
     )
+
+
+def plot_fid_vs_nfe(rows: list[dict], path: Path) -> None:
+    """FID vs network evaluations: one line per training-free teacher sampler, one point per 1-step model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in sorted({r["method"] for r in rows if r["model"].startswith("teacher")}):
+        line = sorted(
+            (r["nfe"], r["fid"]) for r in rows if r["model"].startswith("teacher") and r["method"] == method
+        )
+        ax.plot(*zip(*line), marker="o", label=f"teacher + {method}")
+    for r in rows:
+        if not r["model"].startswith("teacher"):
+            ax.scatter(
+                [r["nfe"]], [r["fid"]], marker="*", s=160, zorder=3, label=f"{r['model']} (1 evaluation)"
+            )
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("network evaluations per sample")
+    ax.set_ylabel("FID (digits feature net)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
