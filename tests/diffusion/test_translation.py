@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from gaussian_image_prior import GaussianImagePrior
 from torch import nn
+from translation_weights import NO_LOSSES
 
 from diffusion_lab.diffusion.samplers import sample_ddpm
 from diffusion_lab.diffusion.schedules import DiscreteVP
@@ -25,15 +26,7 @@ from diffusion_lab.diffusion.translation_losses import noisy_mix
 from diffusion_lab.pretrained.dino import ViTFeatures
 
 SHAPE = (3, 4, 4)
-ZERO = dict(
-    structure_weight=0.0,
-    contrastive_weight=0.0,
-    cls_weight=0.0,
-    target_mse_weight=0.0,
-    clip_weight=0.0,
-    semantic_weight=0.0,
-    range_weight=0.0,
-)
+ZERO = NO_LOSSES
 
 
 class PixelViT(nn.Module):

@@ -5,21 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from translation_weights import NO_LOSSES
 
 from diffusion_lab.diffusion.translation import DiffuseITObjective, TranslationConfig
 from diffusion_lab.diffusion.translation_losses import structure_loss
 from diffusion_lab.methods.translation import random_pretrained_models
 
 RES = 16
-OFF = dict(
-    structure_weight=0.0,
-    contrastive_weight=0.0,
-    cls_weight=0.0,
-    target_mse_weight=0.0,
-    clip_weight=0.0,
-    semantic_weight=0.0,
-    range_weight=0.0,
-)
+OFF = NO_LOSSES
 
 
 @pytest.fixture(scope="module")
