@@ -16,7 +16,11 @@ def state_checksum(module: nn.Module) -> str:
     h = hashlib.sha256()
     for name, t in module.state_dict().items():
         h.update(name.encode())
-        h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(
+            t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
+            if t.numel()
+            else b""
+        )
     return h.hexdigest()
 
 

@@ -158,7 +158,7 @@ def test_ddp_two_processes_end_with_identical_weights(tmp_path, cli_runner):
             "--trainer.max_steps=8",
             "--trainer.limit_val_batches=0",
             "--trainer.enable_progress_bar=false",
-    "--trainer.log_every_n_steps=1",
+            "--trainer.log_every_n_steps=1",
             "--trainer.logger=false",
             "--data.init_args.num_train=2048",
             "--trainer.callbacks+=probes.StateProbe",
