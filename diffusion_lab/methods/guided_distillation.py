@@ -13,7 +13,9 @@ The phase is a function of the global step (``phase_at``), and the phase in prog
 a checkpoint records it (also under ``checkpoint["guided_distillation"]``) and resuming mid-phase continues the
 same phase with the same frozen teacher; resuming at a boundary starts the next one. Training stops by itself
 after the last phase. Optimisation is manual (per-phase optimiser reset and learning-rate ramp); gradient
-clipping is ``grad_clip``, not ``trainer.gradient_clip_val``.
+clipping is ``grad_clip``, not ``trainer.gradient_clip_val``. A non-finite loss is handled as under automatic
+optimisation (``reliability.nan_guard``): with a ``NaNGuard`` the update is skipped (weights, Adam state and EMA
+unchanged), counted, and K skips in a row stop the run; without one it raises ``FloatingPointError``.
 
 Sampling (``generate``, ``predict``) runs the student on its N-step grid ``sigma_ve(i/N)`` with deterministic
 DDIM or the paper's stochastic sampler (``samplers/distilled.py``), passing ``guidance_w``; no classifier-free
@@ -64,6 +66,7 @@ from diffusion_lab.methods.distillation_student import (
     teacher_denoiser,
 )
 from diffusion_lab.methods.ema import EMA
+from diffusion_lab.reliability.nan_guard import nonfinite_loss, update_skipped
 
 Condition = Literal["labels", "text_emb"]
 
@@ -100,7 +103,8 @@ class GuidedDistillation(DataShapeMixin, L.LightningModule):
         predict_num_samples, predict_batch_size, predict_seed: what ``predict`` draws (as ``DiffusionModule``).
         predict_task: ``sample`` (generate), ``edit`` (SDEdit of the predict split's images) or ``inpaint`` (fill
             the region outside ``inpaint_mask``), all with the student's sampler steps and ``guidance_w``.
-        edit_strength: SDEdit strength in (0, 1]: ``ceil(strength * N)`` of the N distilled steps are run.
+        edit_strength: SDEdit strength in [0, 1]: ``ceil(strength * N)`` of the N distilled steps are run (0: the
+            input unchanged; on latents its VAE reconstruction).
         edit_label: class the edit steers towards (None: each image's own label).
         inpaint_mask: the known region (``distill_editing.named_mask``: left, right, top, bottom, center, border).
     """
@@ -383,10 +387,11 @@ class GuidedDistillation(DataShapeMixin, L.LightningModule):
         value = self._drop(value)
         steps = self.phases[index]["steps"]
         loss = self.stage1_loss(x0, value) if steps is None else self.stage2_loss(x0, value, steps)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite distillation loss {loss.item()} at step {step} ({self.phases[index]['name']})"
-            )
+        # A NaN/Inf loss goes the automatic-optimisation way: with a NaNGuard the backward and the step still run
+        # (DDP needs every rank to), the guard drops the gradients inside ``optimizer.step()`` so weights and
+        # Adam state stay as they were, counts the skip and stops the run after K in a row; without a guard,
+        # FloatingPointError naming the step.
+        nonfinite = nonfinite_loss(self, loss)
         optimizer = self.optimizers()
         lr = self._set_learning_rate(optimizer.optimizer, index, step)
         optimizer.zero_grad()
@@ -394,10 +399,11 @@ class GuidedDistillation(DataShapeMixin, L.LightningModule):
         if self.grad_clip is not None:
             self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
         optimizer.step()
-        if self.ema is not None:
+        if self.ema is not None and not update_skipped(self):
             self.ema.update(self.student)
         batch_size = x0.shape[0]
-        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=batch_size)
+        if not nonfinite:
+            self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=batch_size)
         self.log("train/phase", float(index), prog_bar=True, on_step=True, batch_size=batch_size)
         self.log("train/lr", lr, on_step=True, batch_size=batch_size)
         if self.global_step >= self.total_iterations:
