@@ -179,10 +179,14 @@ class ImageFolder(DataModuleBase):
             warning.
         min_image_size: smallest accepted shorter side in pixels (default ``max(2, resolution // 4)``).
         cache: decode every image once in ``setup`` and keep them in memory as uint8 (small folders).
+        num_classes: the number of classes, if known (e.g. 1000 for ImageNet): then ``num_classes`` is
+            answered without touching the folder, and ``setup`` checks it against the subfolders found.
         batch_size, num_workers, val_batch_size, drop_last, pin_memory: see ``DataModuleBase``.
 
-    The folder is scanned in ``__init__`` (so ``num_classes`` and ``classes`` are known for linking);
-    an empty folder raises ``FileNotFoundError`` naming it and the extensions searched.
+    The folder is scanned lazily, once: in ``setup``, or when ``files``, ``labels``, ``classes`` (or
+    ``num_classes`` without the argument) are first read. So a config naming a folder that is not there yet
+    instantiates (give ``num_classes`` for the CLI's data-to-model link), and the run fails at ``setup`` with
+    ``FileNotFoundError`` naming the missing or empty folder (and the extensions searched).
     """
 
     def __init__(
@@ -198,6 +202,7 @@ class ImageFolder(DataModuleBase):
         on_bad_image: Literal["raise", "skip"] = "raise",
         min_image_size: int | None = None,
         cache: bool = False,
+        num_classes: int | None = None,
         batch_size: int = 64,
         num_workers: int = 0,
         val_batch_size: int | None = None,
@@ -217,14 +222,19 @@ class ImageFolder(DataModuleBase):
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         if min_image_size is not None and min_image_size < 1:
             raise ValueError(f"min_image_size must be >= 1 pixel, got {min_image_size}")
+        if num_classes is not None and num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1 (or None: count the subfolders), got {num_classes}")
         self.save_hyperparameters()
         self.min_image_size = min_image_size
         self.root = Path(root)
-        self.files, self.labels, self.classes = find_images(self.root, extensions)
+        self.extensions = tuple(extensions)
+        self._num_classes = num_classes
+        self._found: tuple[list[Path], list[int], list[str]] | None = None
         self._resolution, self._channels = resolution, channels
         self.random_flip, self.val_fraction, self.seed = random_flip, val_fraction, seed
         self.interpolation, self.on_bad_image, self.cache = interpolation, on_bad_image, cache
         self.skipped_files: list[Path] = []
+        self._split_files: dict[str, list[Path]] = {}
 
     @property
     def num_channels(self) -> int:
@@ -236,7 +246,31 @@ class ImageFolder(DataModuleBase):
 
     @property
     def num_classes(self) -> int:
-        return len(self.classes)
+        return self._num_classes if self._num_classes is not None else len(self.classes)
+
+    def _scan(self) -> tuple[list[Path], list[int], list[str]]:
+        """(files, labels, classes) of the folder, found once (``find_images``); checks ``num_classes``."""
+        if self._found is None:
+            found = find_images(self.root, self.extensions)
+            if self._num_classes is not None and len(found[2]) != self._num_classes:
+                raise ValueError(
+                    f"image folder {str(self.root)!r} has {len(found[2])} classes (subfolders with images), "
+                    f"but num_classes={self._num_classes} was configured"
+                )
+            self._found = found
+        return self._found
+
+    @property
+    def files(self) -> list[Path]:
+        return self._scan()[0]
+
+    @property
+    def labels(self) -> list[int]:
+        return self._scan()[1]
+
+    @property
+    def classes(self) -> list[str]:
+        return self._scan()[2]
 
     def _decode_all(self) -> tuple[list[Path], list[int], list[Tensor]]:
         """Decode every file once; drop (skip mode) or raise on bad ones."""
@@ -301,6 +335,18 @@ class ImageFolder(DataModuleBase):
 
         self.train_set = subset(train_idx, self.random_flip)
         self.val_set = subset(val_idx, False) if len(val_idx) else None
+        self._split_files = {
+            "train": [files[i] for i in train_idx.tolist()],
+            "val": [files[i] for i in val_idx.tolist()],
+        }
+
+    def split_files(self, split: str) -> list[Path]:
+        """The image files of split ``train`` or ``val``, in the order of its dataset (sets the data up if needed;
+        used to pair images with captions, ``data.captions``)."""
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        self.setup("fit")
+        return list(self._split_files[split])
 
 
 __all__ = [

@@ -39,7 +39,7 @@ def two_classes(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def test_classes_from_subfolders_known_at_init(two_classes):
+def test_classes_from_subfolders(two_classes):
     dm = ImageFolder(str(two_classes), resolution=8)
     assert dm.classes == ["cat", "dog"] and dm.num_classes == 2
     assert (dm.num_channels, dm.resolution, dm.data_shape) == (3, 8, (3, 8, 8))
@@ -131,13 +131,33 @@ def test_val_split_and_cache_give_the_same_images(two_classes):
             assert torch.equal(a[i][0], b[i][0]) and a[i][1] == b[i][1]
 
 
-def test_empty_folder_error_names_folder_and_extensions(tmp_path):
+def test_empty_folder_error_names_folder_and_extensions_at_setup(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "readme.md").write_text("x")
+    empty = ImageFolder(str(tmp_path), resolution=8)  # nothing is scanned before setup
     with pytest.raises(FileNotFoundError, match=rf"no images found in '{tmp_path}'.*\.png"):
-        ImageFolder(str(tmp_path), resolution=8)
+        empty.setup("fit")
+    missing = ImageFolder(str(tmp_path / "missing"), resolution=8)
+    with pytest.raises(FileNotFoundError, match=rf"image folder '{tmp_path / 'missing'}' does not exist"):
+        missing.setup("fit")
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        ImageFolder(str(tmp_path / "missing"), resolution=8)
+        _ = missing.num_classes  # without num_classes given, counting the classes needs the folder
+
+
+def test_missing_folder_instantiates_with_known_num_classes_and_fails_at_setup(tmp_path, two_classes):
+    """A config can name data that is not there yet (the every-config CLI test): with ``num_classes`` given the
+    shape is known without the folder; ``setup`` names the folder; a wrong ``num_classes`` is caught there."""
+    missing = ImageFolder(str(tmp_path / "imagenet" / "train"), resolution=64, num_classes=1000)
+    assert (missing.num_classes, missing.data_shape) == (1000, (3, 64, 64))
+    with pytest.raises(FileNotFoundError, match=r"imagenet/train' does not exist"):
+        missing.setup("fit")
+    wrong = ImageFolder(str(two_classes), resolution=8, num_classes=3)
+    with pytest.raises(ValueError, match=r"has 2 classes .* but num_classes=3"):
+        wrong.setup("fit")
+    right = ImageFolder(str(two_classes), resolution=8, num_classes=2, batch_size=10)
+    assert sorted(next(iter(right.train_dataloader()))[1].tolist()) == [0] * 4 + [1] * 6
+    with pytest.raises(ValueError, match="num_classes must be >= 1"):
+        ImageFolder(str(two_classes), resolution=8, num_classes=0)
 
 
 @pytest.mark.parametrize("kind", ["zero_byte", "truncated", "not_an_image"])
