@@ -271,7 +271,9 @@ def test_edit_start_and_levels_are_the_tail_of_the_grid():
     grid = distillation_sigmas(VPCosine(), 4)
     torch.testing.assert_close(edit_sigmas(VPCosine(), 4, 0.5), grid[2:], rtol=0, atol=0)
     torch.testing.assert_close(edit_sigmas(VPCosine(), 4, 1.0), grid, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="strength must be in \\(0, 1\\].*got 1.5"):
+    assert edit_start(4, 0.0) == 0  # strength 0: no step, the input itself
+    torch.testing.assert_close(edit_sigmas(VPCosine(), 4, 0.0), grid[-1:], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="strength must be in \\[0, 1\\].*got 1.5"):
         edit_start(4, 1.5)
 
 
