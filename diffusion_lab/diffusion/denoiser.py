@@ -23,6 +23,13 @@ Each classic parametrisation is one choice of the four coefficients. With ``alph
 ``score``: F predicts ``sigma * grad log p = -eps`` (NCSN, Song & Ermon 2019, with the 1/sigma output
 scaling of NCSNv2). The three equivalent targets of Luo (2022, eqs. 99-101) are related by the
 conversion helpers below.
+
+Learned reverse variance (Nichol & Dhariwal 2021, "Improved DDPM", sec. 3.1, eq. 15): with
+``learned_variance=True`` the backbone outputs 2C channels; the first C give ``D`` as above and the last C a
+raw ``v``, read as the interpolation fraction ``frac = (v + 1) / 2`` of the reverse step's log variance,
+``log Sigma = frac log beta + (1 - frac) log beta_tilde`` (``ddpm`` sampler, ``variance='learned'``;
+``diffusion/hybrid_loss.py`` trains it). ``D(x, sigma)`` keeps its contract; the fraction comes from
+:meth:`Denoiser.denoise_with_variance` (one backbone call for both) or :meth:`Denoiser.variance_fraction`.
 """
 
 from __future__ import annotations
@@ -130,6 +137,8 @@ class Denoiser(nn.Module):
             from ``schedule`` (DDPM-style nets trained on a 0..999 timestep).
         schedule: anything with ``t_from_sigma(sigma) -> t``; needed for ``vp_t``.
         time_scale: multiplier of t for ``vp_t`` (1000 for DDPM-style embeddings).
+        learned_variance: the backbone outputs twice the data channels; the second half is the iDDPM
+            variance output ``v`` (see module docstring), read by :meth:`denoise_with_variance`.
     """
 
     def __init__(
@@ -140,6 +149,7 @@ class Denoiser(nn.Module):
         noise_conditioning: NoiseConditioning = "log_sigma",
         schedule: object | None = None,
         time_scale: float = 1000.0,
+        learned_variance: bool = False,
     ) -> None:
         super().__init__()
         preconditioning(parametrization, torch.ones(1))  # validate the name early
@@ -155,6 +165,7 @@ class Denoiser(nn.Module):
         self.noise_conditioning = noise_conditioning
         self.schedule = schedule
         self.time_scale = time_scale
+        self.learned_variance = bool(learned_variance)
 
     def c_noise(self, sigma: Tensor) -> Tensor:
         if self.noise_conditioning == "log_sigma":
@@ -163,11 +174,43 @@ class Denoiser(nn.Module):
             return sigma
         return self.time_scale * self.schedule.t_from_sigma(sigma)  # type: ignore[union-attr]
 
-    def forward(self, x: Tensor, sigma: Tensor | float, **cond: Tensor) -> Tensor:
+    def _evaluate(self, x: Tensor, sigma: Tensor | float, **cond: Tensor) -> tuple[Tensor, Tensor | None]:
+        """One backbone call: (``x0_hat``, raw variance output ``v`` or None without a variance head)."""
         sigma = broadcast_sigma(sigma, x)
         c_skip, c_out, c_in = preconditioning(self.parametrization, sigma, self.sigma_data)
         out = self.network(append_dims(c_in, x.ndim) * x, self.c_noise(sigma), **cond)
-        return (append_dims(c_skip, x.ndim) * x + append_dims(c_out, x.ndim) * out.to(x.dtype)).to(x.dtype)
+        v = None
+        if self.learned_variance:
+            channels = x.shape[1]
+            if out.ndim != x.ndim or out.shape[1] != 2 * channels:
+                raise ValueError(
+                    f"learned_variance=True needs a network with {2 * channels} output channels (twice the "
+                    f"data's {channels}: mean and variance), got output shape {tuple(out.shape)}; set the "
+                    f"network's out_channels to {2 * channels}"
+                )
+            out, v = out[:, :channels], out[:, channels:]
+        x0 = (append_dims(c_skip, x.ndim) * x + append_dims(c_out, x.ndim) * out.to(x.dtype)).to(x.dtype)
+        return x0, v
+
+    def forward(self, x: Tensor, sigma: Tensor | float, **cond: Tensor) -> Tensor:
+        return self._evaluate(x, sigma, **cond)[0]
+
+    def denoise_with_variance(
+        self, x: Tensor, sigma: Tensor | float, **cond: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """``(D(x, sigma), frac)`` from one backbone call; ``frac = (v + 1)/2`` (iDDPM eq. 15), shaped like x,
+        in x's dtype (not clamped: iDDPM lets the fraction leave [0, 1]). Needs ``learned_variance=True``."""
+        if not self.learned_variance:
+            raise ValueError(
+                "this Denoiser has no variance head: build it with learned_variance=True and a network "
+                "with twice the data channels (DiffusionModule: learned_variance: true)"
+            )
+        x0, v = self._evaluate(x, sigma, **cond)
+        return x0, (v.to(x.dtype) + 1) / 2  # type: ignore[union-attr]
+
+    def variance_fraction(self, x: Tensor, sigma: Tensor | float, **cond: Tensor) -> Tensor:
+        """The learned fraction ``frac(x, sigma)`` alone (see :meth:`denoise_with_variance`)."""
+        return self.denoise_with_variance(x, sigma, **cond)[1]
 
     def raw_target(self, x0: Tensor, noise: Tensor, sigma: Tensor) -> Tensor:
         """The target of F implied by D = x0: (x0 - c_skip x) / c_out, with x = x0 + sigma noise."""
