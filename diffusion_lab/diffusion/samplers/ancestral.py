@@ -17,14 +17,16 @@ and differ only in ``(sigma_down, sigma_up)``:
 =====================  =====================================================  ===============================
 
 so DDPM with the posterior ("small") variance, DDIM with eta = 1 and Euler-ancestral with eta = 1 are the
-same sampler (a test checks this identity).
+same sampler (a test checks this identity). DDPM with a *learned* variance (Nichol & Dhariwal 2021, eq. 15)
+keeps ``sigma_down`` and draws the noise with the per-element std ``small^(1 - frac) large^frac`` between
+the two ``sigma_up`` above, ``frac`` coming from the denoiser's variance head.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -40,6 +42,7 @@ from diffusion_lab.diffusion.samplers._base import (
 )
 
 LevelSplit = Callable[[float, float], tuple[float, float]]
+Variance = Literal["small", "large", "learned"]
 
 
 def _ancestral_loop(
@@ -180,12 +183,78 @@ def ddpm_levels(sigma: float, sigma_next: float, variance: Literal["small", "lar
     return sigma_down, math.sqrt((sigma**2 - sigma_next**2) * (1 + sigma_next**2) / (1 + sigma**2))
 
 
+def ddpm_learned_std(sigma: float, sigma_next: float, frac: Tensor) -> Tensor:
+    """Per-element VE std of iDDPM's learned reverse step from ``sigma`` to ``sigma_next`` (both > 0).
+
+    Nichol & Dhariwal (2021, eq. 15): ``Sigma = exp(frac log beta + (1 - frac) log beta_tilde)``, with the
+    step's own betas on any grid as in their respacing (sec. 4): ``beta = 1 - abar(sigma) / abar(sigma_next)``,
+    ``beta_tilde = (1 - abar(sigma_next)) / (1 - abar(sigma)) beta``, ``abar(s) = 1 / (1 + s^2)``. Dividing
+    ``x_vp`` by ``sqrt(abar(sigma_next))`` scales both variances by the same factor, so in the VE view the
+    interpolation is between the two ``sigma_up`` of :func:`ddpm_levels`: ``std = small^(1 - frac) large^frac``
+    (exactly ``small`` at frac = 0 and ``large`` at frac = 1). ``frac`` (any shape) gives the std's shape.
+    """
+    _, small = ddpm_levels(sigma, sigma_next, "small")
+    _, large = ddpm_levels(sigma, sigma_next, "large")
+    return small ** (1 - frac) * large**frac
+
+
+def variance_head(denoiser: DenoiserFn) -> tuple[Any, bool]:
+    """The module with a learned variance head (``learned_variance`` and ``denoise_with_variance``) behind
+    ``denoiser``, following wrappers' ``.denoiser`` (guidance) and ``.averaged`` (EMA) links, and whether it is
+    ``denoiser`` itself. ValueError when there is none."""
+    node: Any = denoiser
+    while node is not None:
+        if getattr(node, "learned_variance", False) and hasattr(node, "denoise_with_variance"):
+            return node, node is denoiser
+        nxt = getattr(node, "denoiser", None)
+        node = nxt if nxt is not None else getattr(node, "averaged", None)
+    raise ValueError(
+        f"variance='learned' needs a denoiser with a learned variance head (Denoiser(learned_variance=True), "
+        f"or a wrapper around one); got {type(denoiser).__name__} without one: use variance='small' or 'large'"
+    )
+
+
+def _learned_variance_loop(
+    denoiser: DenoiserFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None,
+    callback: Callback | None,
+    cond: Cond | None,
+) -> Tensor:
+    """DDPM steps with the learned per-element std of :func:`ddpm_learned_std`.
+
+    An unwrapped variance head gives mean and fraction in one call; behind a wrapper (guidance) the mean is the
+    wrapper's and the fraction the head's under the same conditioning (one more evaluation per step; GLIDE
+    likewise keeps the conditional branch's variance under classifier-free guidance).
+    """
+    head, direct = variance_head(denoiser)
+    model = GridDenoiser(denoiser, x, sigmas, cond)
+    s = model.values
+    for i in range(model.steps):
+        level = model.sigmas[i].expand(x.shape[0])
+        if direct:
+            model.nfe += 1
+            denoised, frac = head.denoise_with_variance(x, level, **model.cond)
+        else:
+            denoised = model.at(x, i)
+            model.nfe += 1
+            frac = head.variance_fraction(x, level, **model.cond)
+        model.report(callback, i, x, denoised)
+        sigma_down, _ = ddpm_levels(s[i], s[i + 1], "small")  # the mean is the posterior's for every variance
+        x = ddim_step(x, denoised, s[i], sigma_down)
+        if s[i + 1] > 0:  # Algorithm 2: no noise on the last step
+            x = x.addcmul_(ddpm_learned_std(s[i], s[i + 1], frac.to(x.dtype)), randn_like(x, generator))
+    return x
+
+
 def sample_ddpm(
     denoiser: DenoiserFn,
     x: Tensor,
     sigmas: Tensor,
     *,
-    variance: Literal["small", "large"] = "small",
+    variance: Variance = "small",
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
     cond: Cond | None = None,
@@ -194,11 +263,17 @@ def sample_ddpm(
     between consecutive grid levels, ``x_next = D + (sigma_next^2/sigma)(x - D)/sigma + sigma_up z``
     (:func:`ddpm_levels`). On a discrete model's full 1000-level grid this is the original sampler; on a
     respaced grid it is the respaced DDPM of Nichol & Dhariwal (2021, sec. 4).
+
+    ``variance``: ``small`` (posterior beta-tilde), ``large`` (beta) or ``learned`` (iDDPM eq. 15, the fraction
+    from the denoiser's variance head, :func:`ddpm_learned_std`; valid on any grid).
     """
-    if variance not in ("small", "large"):
+    if variance not in ("small", "large", "learned"):
         raise ValueError(
-            f"variance must be 'small' (posterior beta-tilde) or 'large' (beta), got {variance!r}"
+            "variance must be 'small' (posterior beta-tilde), 'large' (beta) or 'learned' (iDDPM), "
+            f"got {variance!r}"
         )
+    if variance == "learned":
+        return _learned_variance_loop(denoiser, x, sigmas, generator=generator, callback=callback, cond=cond)
     return _ancestral_loop(
         denoiser,
         x,
@@ -216,4 +291,6 @@ __all__ = [
     "sample_euler_ancestral",
     "sample_ddpm",
     "ddpm_levels",
+    "ddpm_learned_std",
+    "variance_head",
 ]
