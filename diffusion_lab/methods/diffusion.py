@@ -18,6 +18,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from diffusion_lab.diffusion.denoiser import Denoiser, NoiseConditioning, Parametrization
+from diffusion_lab.diffusion.hybrid_loss import HybridLoss
 from diffusion_lab.diffusion.losses import DenoisingLoss
 from diffusion_lab.diffusion.schedules import NoiseSchedule
 from diffusion_lab.methods.data_shape import DataShapeMixin
@@ -32,9 +33,12 @@ class DiffusionModule(DataShapeMixin, L.LightningModule):
 
     Args:
         network: backbone ``F(x, c_noise, labels=None, **scalars)`` (e.g. ``nets.unet.UNet``).
-        loss: a ``DenoisingLoss`` (sigma distribution + weighting + target); default EDM's.
-        parametrization, sigma_data, noise_conditioning, schedule, time_scale: how ``network`` becomes a
-            denoiser (see ``diffusion.denoiser.Denoiser``); ``schedule`` maps sigma to the time a ``vp_t`` net sees.
+        loss: a ``DenoisingLoss`` (sigma distribution + weighting + target; default EDM's) or iDDPM's
+            ``HybridLoss`` (needs ``learned_variance``).
+        parametrization, sigma_data, noise_conditioning, schedule, time_scale, learned_variance: how ``network``
+            becomes a denoiser (see ``diffusion.denoiser.Denoiser``); ``schedule`` maps sigma to the time a
+            ``vp_t`` net sees; ``learned_variance``: the network outputs twice the data channels, the second
+            half iDDPM's variance (sampler option ``variance: learned``).
         num_classes: number of classes of the data (linked from the DataModule); the null label is ``num_classes``.
         class_conditional: train with labels (False: ignore them and train an unconditional model).
         label_dropout: probability of replacing a label by the null label during training.
@@ -48,12 +52,13 @@ class DiffusionModule(DataShapeMixin, L.LightningModule):
     def __init__(
         self,
         network: nn.Module,
-        loss: DenoisingLoss | None = None,
+        loss: DenoisingLoss | HybridLoss | None = None,
         parametrization: Parametrization = "edm",
         sigma_data: float = 0.5,
         noise_conditioning: NoiseConditioning = "log_sigma",
         schedule: NoiseSchedule | None = None,
         time_scale: float = 1000.0,
+        learned_variance: bool = False,
         num_classes: int = 0,
         class_conditional: bool = True,
         label_dropout: float = 0.1,
@@ -75,7 +80,7 @@ class DiffusionModule(DataShapeMixin, L.LightningModule):
             ignore=["network", "loss", "optimizer", "lr_scheduler", "schedule", "sampler"]
         )
         self.denoiser = Denoiser(
-            network, parametrization, sigma_data, noise_conditioning, schedule, time_scale
+            network, parametrization, sigma_data, noise_conditioning, schedule, time_scale, learned_variance
         )
         self.loss = loss if loss is not None else DenoisingLoss(sigma_data=sigma_data)
         self.ema = EMA(self.denoiser, decay=ema_decay)
