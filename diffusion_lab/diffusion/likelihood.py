@@ -20,9 +20,13 @@ is the log-spaced sigma grid, with fixed-step RK4 or Heun; the prior ``p_{sigma_
 
 and ``SNR'(t) = log_snr'(t) SNR(t) = log_snr'(t) / sigma_ve(t)^2``, so in the VE view the integrand is
 ``-log_snr'(t) ||x - D(x + sigma_ve eps, sigma_ve)||^2 / (2 sigma_ve^2)``. Changing the schedule only changes
-the Monte-Carlo distribution of sigma (VDM Sec. 5.1): the expectation is ``int ||x - D||^2 / sigma^3 dsigma``.
-The prior is ``N(0, sigma_max^2 I)`` in the VE view, the decoder
-``p(x | x_0) = N(x; x_{sigma_min}, sigma_min^2 I)`` (expected NLL ``d/2 (1 + log 2 pi sigma_min^2)``).
+the Monte-Carlo distribution of sigma (VDM Sec. 5.1): the expectation is ``int ||x - D||^2 / sigma^3 dsigma``,
+so a learned schedule (``diffusion/vdm_schedule.py``) enters only through its endpoints and the variance.
+The prior is ``N(0, sigma_max^2 I)`` in the VE view (``prior_variance="ve"``) or VDM's ``N(0, I)`` on the VP
+latent ``z_1 = alpha_1 x_1``, i.e. ``N(0, (1 + sigma_max^2) I)`` in the VE view (``"vp"``). Decoders: the
+Gaussian ``p(x | x_0) = N(x; x_{sigma_min}, sigma_min^2 I)`` for continuous data (expected NLL
+``d/2 (1 + log 2 pi sigma_min^2)``), or VDM's factorised discrete decoder for data on a ``num_levels`` grid
+(``p(x_i = v_k | z) = softmax_k(-(z_i - v_k)^2 / (2 sigma_min^2))``), which bounds the discrete NLL directly.
 
 **Bits per dimension with dequantisation.** Data on the 8-bit grid ``x_k = k / 127.5 - 1`` (k = 0..255) has
 bins of width ``Delta = 2/255``. With uniform dequantisation ``y = x + u``, ``u ~ U[-Delta/2, Delta/2)^d``,
@@ -47,6 +51,8 @@ from diffusion_lab.diffusion.denoiser import DenoiserFn, append_dims
 from diffusion_lab.diffusion.schedules import NoiseSchedule
 
 Probe = Literal["rademacher", "gaussian"]
+Prior = Literal["ve", "vp"]
+Decoder = Literal["gaussian", "discrete"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -76,6 +82,76 @@ def gaussian_log_prob(x: Tensor, variance: float) -> Tensor:
     d = x[0].numel()
     sq = x.reshape(x.shape[0], -1).pow(2).sum(-1)
     return -0.5 * (sq / variance + d * math.log(2 * math.pi * variance))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The ELBO's endpoint terms (differentiable in the noise levels, for learned schedules)
+# ---------------------------------------------------------------------------------------------------
+def prior_variance_for(sigma_max: Tensor | float, prior: Prior | float | None) -> Tensor | float:
+    """Variance of the VE-view prior at ``sigma_max``: ``"ve"`` / None -> ``sigma_max^2``; ``"vp"`` -> VDM's
+    ``N(0, I)`` on ``z_1 = x_1 / sqrt(1 + sigma_max^2)``, i.e. ``1 + sigma_max^2``; a number is used as is."""
+    if prior is None or prior == "ve":
+        return sigma_max**2
+    if prior == "vp":
+        return 1 + sigma_max**2
+    if isinstance(prior, str):
+        raise ValueError(f"unknown prior {prior!r}; expected 've', 'vp' or a variance")
+    if prior <= 0:
+        raise ValueError(f"prior variance must be > 0, got {prior}")
+    return prior
+
+
+def prior_kl(x0: Tensor, sigma_max: Tensor | float, prior_variance: Tensor | float) -> Tensor:
+    """``KL(N(x0, sigma_max^2 I) || N(0, prior_variance I))`` per sample (B,), differentiable in both levels.
+
+    ``d/2 (r - 1 - log r) + ||x0||^2 / (2 v)`` with ``r = sigma_max^2 / v``; with ``v = 1 + sigma_max^2`` this
+    is VDM's latent loss ``1/2 sum(sigma_1^2 + alpha_1^2 x^2 - 1 - log sigma_1^2)`` in VP units."""
+    d = x0[0].numel()
+    sq = x0.reshape(x0.shape[0], -1).pow(2).sum(-1)
+    var = torch.as_tensor(prior_variance, dtype=x0.dtype, device=x0.device)
+    ratio = torch.as_tensor(sigma_max, dtype=x0.dtype, device=x0.device) ** 2 / var
+    return 0.5 * (d * (ratio - 1 - torch.log(ratio)) + sq / var)
+
+
+def gaussian_decoder_nll(x0: Tensor, sigma_min: Tensor | float) -> Tensor:
+    """``E_eps[-log N(x0; x0 + sigma_min eps, sigma_min^2 I)] = d/2 (1 + log 2 pi sigma_min^2)``, (B,)."""
+    d = x0[0].numel()
+    s = torch.as_tensor(sigma_min, dtype=x0.dtype, device=x0.device)
+    return (0.5 * d * (1 + math.log(2 * math.pi) + 2 * torch.log(s))).expand(x0.shape[0])
+
+
+def grid_values(
+    num_levels: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> Tensor:
+    """The ``num_levels`` data values ``k / ((num_levels - 1) / 2) - 1`` in [-1, 1] (k = 0..num_levels-1)."""
+    if num_levels < 2:
+        raise ValueError(f"num_levels must be >= 2, got {num_levels}")
+    return torch.linspace(-1.0, 1.0, num_levels, dtype=dtype, device=device)
+
+
+def discrete_decoder_nll(x0: Tensor, sigma_min: Tensor | float, num_levels: int, noise: Tensor) -> Tensor:
+    """``-log p(x0 | z_0)`` of VDM's factorised discrete decoder (VDM App. / public code ``EncDec.decode``),
+    (B,): ``z = x0 + sigma_min noise`` (VE view), ``p(x_i = v_k | z) = softmax_k(-(z_i - v_k)^2 / (2 sigma^2))``
+    over the grid :func:`grid_values`. ``x0`` must lie on that grid (to 1e-3)."""
+    values = grid_values(num_levels, x0.dtype, x0.device)
+    index = torch.round((x0 + 1) * (num_levels - 1) / 2)
+    off_grid = (
+        (index < 0)
+        | (index > num_levels - 1)
+        | ((x0 - values[index.clamp(0, num_levels - 1).long()]).abs() > 1e-3)
+    )
+    if off_grid.any():
+        bad = x0[off_grid].flatten()[0].item()
+        raise ValueError(
+            f"the discrete decoder needs data on the {num_levels}-level grid k/{(num_levels - 1) / 2:g} - 1, "
+            f"got the value {bad}"
+        )
+    s = torch.as_tensor(sigma_min, dtype=x0.dtype, device=x0.device)
+    z = (x0 + s * noise).reshape(x0.shape[0], -1, 1)
+    logits = -0.5 * ((z - values) / s) ** 2  # (B, d, K)
+    log_probs = torch.log_softmax(logits, -1)
+    true = torch.gather(log_probs, -1, index.long().reshape(x0.shape[0], -1, 1)).squeeze(-1)
+    return -true.sum(-1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -231,38 +307,45 @@ def vdm_elbo(
     *,
     num_t_samples: int = 1,
     generator: torch.Generator | None = None,
-    prior_variance: float | None = None,
+    prior_variance: float | Prior | None = None,
     time_sampling: Literal["log_snr", "t"] = "log_snr",
     control_variate_sigma_data: float | None = 0.5,
+    decoder: Decoder = "gaussian",
     num_levels: int | None = None,
     cond: Mapping[str, Tensor] | None = None,
 ) -> ElboResult:
     """VDM continuous-time ELBO (Kingma et al. 2021, eq. 17; module docstring) of ``x0`` under any schedule.
 
-    The schedule sets the range ``[sigma_ve(t_min), sigma_ve(t_max)]``. ``time_sampling="t"`` draws
-    ``t ~ U[t_min, t_max]`` as VDM does; the default ``"log_snr"`` draws the log-SNR uniformly, the same
-    expectation (VDM Sec. 5.1) without the heavy ``1/t`` tail that VP schedules have near ``t = 0`` (their
-    ``log_snr'(t) ~ -1/t``). Draws are stratified, ``(u + i) / n`` with one uniform ``u`` per sample
-    (VDM's low-discrepancy sampler). ``control_variate_sigma_data`` (``s``) subtracts the zero-mean terms of
-    ``||x - D||^2 / sigma^2`` that an ideal denoiser of N(0, s^2 I) data would have, ``(s^4 (||eps||^2 - d)
-    - 2 sigma s^2 x . eps) / (s^2 + sigma^2)^2``: the estimate stays unbiased for any ``s`` and its variance
-    drops sharply (the ``||eps||^2`` fluctuation dominates at small sigma). ``None`` turns it off.
+    The schedule sets the range ``[sigma_ve(t_min), sigma_ve(t_max)]``; any ``NoiseSchedule`` works, including
+    a learned one (``vdm_schedule.LearnedNoiseSchedule``, evaluated without gradients here).
+    ``time_sampling="t"`` draws ``t ~ U[t_min, t_max]`` as VDM does (the integrand weight is the schedule's
+    own ``-log_snr'(t)``); the default ``"log_snr"`` draws the log-SNR uniformly, the same expectation (VDM
+    Sec. 5.1: only the endpoints matter) without the heavy ``1/t`` tail that VP schedules have near ``t = 0``.
+    Draws are stratified, ``(u + i) / n`` with one uniform ``u`` per sample (VDM's low-discrepancy sampler).
+    ``control_variate_sigma_data`` (``s``) subtracts the zero-mean terms of ``||x - D||^2 / sigma^2`` that an
+    ideal denoiser of N(0, s^2 I) data would have, ``(s^4 (||eps||^2 - d) - 2 sigma s^2 x . eps) /
+    (s^2 + sigma^2)^2``: the estimate stays unbiased for any ``s`` and its variance drops sharply (the
+    ``||eps||^2`` fluctuation dominates at small sigma). ``None`` turns it off.
+
+    ``prior_variance``: ``"ve"``/None (``sigma_max^2``), ``"vp"`` (VDM's ``N(0, I)`` in VP units) or a number.
+    ``decoder="gaussian"`` bounds the density of continuous data, and ``num_levels`` (e.g. 256) then adds the
+    dequantisation term to ``bpd``; ``decoder="discrete"`` (VDM's decoder, one ``eps_0`` draw) bounds
+    ``-log P(x)`` of data on the ``num_levels`` grid directly, so ``bpd`` needs no dequantisation term.
     """
     if num_t_samples < 1:
         raise ValueError(f"num_t_samples must be >= 1, got {num_t_samples}")
+    if decoder not in ("gaussian", "discrete"):
+        raise ValueError(f"unknown decoder {decoder!r}; expected gaussian or discrete")
+    if decoder == "discrete" and num_levels is None:
+        raise ValueError("decoder='discrete' needs num_levels (the size of the data grid)")
     cond = dict(cond or {})
     b, d = x0.shape[0], x0[0].numel()
     t_min, t_max = schedule.t_min, schedule.t_max
     as_t = dict(dtype=x0.dtype, device=x0.device)
-    s_min = float(schedule.sigma_ve(torch.tensor(t_min, dtype=torch.float64)))
-    s_max = float(schedule.sigma_ve(torch.tensor(t_max, dtype=torch.float64)))
-    prior_var = s_max**2 if prior_variance is None else prior_variance
-
-    # KL(N(x, s_max^2 I) || N(0, prior_var I)) and the Gaussian decoder's expected NLL, both closed form
-    sq = x0.reshape(b, -1).pow(2).sum(-1)
-    ratio = s_max**2 / prior_var
-    prior = 0.5 * (d * (ratio - 1 - math.log(ratio)) + sq / prior_var)
-    reconstruction = torch.full((b,), 0.5 * d * (1 + math.log(2 * math.pi * s_min**2)), **as_t)
+    with torch.no_grad():  # a learned schedule's parameters get no graph from an evaluation
+        s_min = float(schedule.sigma_ve(torch.tensor(t_min, dtype=torch.float64)))
+        s_max = float(schedule.sigma_ve(torch.tensor(t_max, dtype=torch.float64)))
+    prior = prior_kl(x0, s_max, prior_variance_for(s_max, prior_variance))
 
     # stratified uniforms, one offset per sample: (u + i) / n, i = 0..n-1
     u = torch.rand(b, 1, generator=generator, **as_t)
@@ -273,12 +356,18 @@ def vdm_elbo(
         weight = torch.full_like(sigma, (lam_max - lam_min) / 2)
     elif time_sampling == "t":  # t ~ U[t_min, t_max]: weight -(t_max - t_min) log_snr'(t) / 2
         t = t_min + (t_max - t_min) * strata
-        sigma = schedule.sigma_ve(t).to(x0.dtype)
-        weight = -schedule.dlog_snr_dt(t).to(x0.dtype) * (t_max - t_min) / 2
+        with torch.no_grad():
+            sigma = schedule.sigma_ve(t).to(x0.dtype)
+            weight = -schedule.dlog_snr_dt(t).to(x0.dtype) * (t_max - t_min) / 2
     else:
         raise ValueError(f"unknown time_sampling {time_sampling!r}; expected log_snr or t")
     x_rep = x0.repeat_interleave(num_t_samples, 0)
     eps = torch.randn(x_rep.shape, generator=generator, **as_t)
+    if decoder == "gaussian":
+        reconstruction = gaussian_decoder_nll(x0, s_min)
+    else:
+        eps_0 = torch.randn(x0.shape, generator=generator, **as_t)
+        reconstruction = discrete_decoder_nll(x0, s_min, num_levels, eps_0)
     rep_cond = {
         k: v.repeat_interleave(num_t_samples, 0)
         if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == b
@@ -298,7 +387,8 @@ def vdm_elbo(
         terms.std(1) / math.sqrt(num_t_samples) if num_t_samples > 1 else torch.full_like(diffusion, math.inf)
     )
     nll = prior + reconstruction + diffusion
-    return ElboResult(nll, bits_per_dim(nll, d, num_levels), prior, reconstruction, diffusion, std_err)
+    bpd = bits_per_dim(nll, d, num_levels if decoder == "gaussian" else None)
+    return ElboResult(nll, bpd, prior, reconstruction, diffusion, std_err)
 
 
 __all__ = [
@@ -307,6 +397,11 @@ __all__ = [
     "bits_per_dim",
     "dequantize",
     "gaussian_log_prob",
+    "prior_variance_for",
+    "prior_kl",
+    "gaussian_decoder_nll",
+    "grid_values",
+    "discrete_decoder_nll",
     "make_probes",
     "divergence",
     "ode_likelihood",

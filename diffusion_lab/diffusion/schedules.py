@@ -21,8 +21,10 @@ dtype); the tables of :class:`DiscreteVP` are float64 and are cast to that dtype
 
 from __future__ import annotations
 
+import importlib
 import math
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -515,7 +517,31 @@ class DiscreteVP(VPSchedule):
         return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
+def schedule_from_spec(spec: NoiseSchedule | Mapping[str, Any] | str) -> NoiseSchedule:
+    """A schedule as YAML gives it: an instance (returned as is), ``{class_path: ..., init_args: {...}}``
+    (``class_path`` fully qualified, or a class name of this module such as ``VPCosine``), or a bare class name.
+    The class must be a :class:`NoiseSchedule`."""
+    if isinstance(spec, NoiseSchedule):
+        return spec
+    if isinstance(spec, str):
+        spec = {"class_path": spec}
+    if not isinstance(spec, Mapping) or "class_path" not in spec:
+        raise TypeError(
+            f"a schedule must be a NoiseSchedule, a class name or {{class_path, init_args}}, got {spec!r}"
+        )
+    path = str(spec["class_path"])
+    module_name, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name or __name__), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"cannot import schedule class_path {path!r}: {err}") from err
+    if not (isinstance(cls, type) and issubclass(cls, NoiseSchedule)):
+        raise TypeError(f"schedule class_path {path!r} is not a NoiseSchedule")
+    return cls(**dict(spec.get("init_args") or {}))
+
+
 __all__ = [
+    "schedule_from_spec",
     "NoiseSchedule",
     "VPSchedule",
     "VPLinear",

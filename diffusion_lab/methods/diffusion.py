@@ -148,8 +148,10 @@ class DiffusionModule(DataShapeMixin, L.LightningModule):
         return loss
 
     def configure_optimizers(self) -> Any:
+        # a loss may own trainable parameters (VDMLoss: the learned noise schedule); they train with the net
+        loss_parameters = [p for p in self.loss.parameters() if p.requires_grad]
         return optimizer_with_step_schedule(
-            self.denoiser.parameters(), self.optimizer_factory, self.lr_scheduler_factory
+            [*self.denoiser.parameters(), *loss_parameters], self.optimizer_factory, self.lr_scheduler_factory
         )
 
     # ------------------------------------------------------------------ sampling

@@ -102,3 +102,35 @@ def test_generate_with_exact_denoiser_matches_class_means():
     post = data.mixture.class_log_posterior(x.double(), torch.tensor(1e-3)).exp()
     acc = (post.argmax(1) == labels).float().mean().item()
     assert acc > 0.99
+
+
+def test_loss_parameters_are_optimised_with_the_network():
+    """A loss that owns parameters (VDM's learned schedule) is in the optimiser: one step moves its endpoints
+    by Adam's first step, lr * sign(grad), and the null-parameter losses add nothing."""
+    from diffusion_lab.diffusion.vdm_schedule import VDMLoss
+
+    torch.manual_seed(0)
+    loss = VDMLoss(num_levels=None)
+    module = DiffusionModule(
+        MLP(dim=2, hidden=32, depth=2, num_classes=0),
+        loss=loss,
+        parametrization="eps",
+        optimizer=lambda p: torch.optim.Adam(p, lr=1e-2),
+    )
+    optimizer = module.configure_optimizers()
+    optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    schedule_params = [p for p in loss.parameters() if p.requires_grad]
+    assert schedule_params and all(id(p) in optimised for p in schedule_params)
+    assert len(optimised) == len(list(module.denoiser.parameters())) + len(schedule_params)
+    before = [p.detach().clone() for p in schedule_params]
+    x0 = GaussianMixture2D().mixture.sample(256, generator=torch.Generator().manual_seed(0))[0].float()
+    optimizer.zero_grad()
+    module.loss(module.denoiser, x0).backward()
+    optimizer.step()
+    moved = [(p - b).abs().max().item() for p, b in zip(schedule_params, before, strict=True)]
+    assert max(moved) == pytest.approx(1e-2, rel=1e-3)
+    # a parameter-free loss contributes nothing
+    plain = _module()
+    assert sum(len(g["params"]) for g in plain.configure_optimizers().param_groups) == len(
+        list(plain.denoiser.parameters())
+    )
