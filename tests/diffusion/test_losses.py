@@ -12,6 +12,7 @@ from diffusion_lab.diffusion.analytic import toy_mixture_2d
 from diffusion_lab.diffusion.denoiser import Denoiser, preconditioning
 from diffusion_lab.diffusion.losses import (
     DenoisingLoss,
+    GeometricLevelsSigma,
     LogNormalSigma,
     LogUniformSigma,
     UniformTimeSigma,
@@ -75,6 +76,39 @@ def test_loguniform_sigma_law():
     assert s.min() >= 0.01 and s.max() <= 50.0
     # uniform on [0, 1]: mean 1/2, variance 1/12
     assert abs(u.mean().item() - 0.5) < 0.005 and abs(u.var().item() - 1 / 12) < 0.002
+
+
+def test_geometric_levels_are_ncsn_levels_drawn_uniformly():
+    """NCSN / NCSNv2: sigma_i = geomspace(sigma_max, sigma_min, L), i ~ U{1..L} (chi-square test of the counts);
+    the levels are the annealed-Langevin grid (``loglinear`` with steps = L)."""
+    import numpy as np
+
+    from diffusion_lab.diffusion.samplers import get_sigmas
+
+    sampler = GeometricLevelsSigma(sigma_min=0.01, sigma_max=50.0, num_levels=232)
+    levels = np.geomspace(50.0, 0.01, 232)
+    np.testing.assert_allclose(sampler.levels.numpy(), levels, rtol=1e-12)
+    np.testing.assert_allclose(
+        sampler.levels.numpy(),
+        get_sigmas("loglinear", 232, sigma_min=0.01, sigma_max=50.0)[:-1].numpy(),
+        rtol=1e-12,
+    )
+    torch.manual_seed(0)
+    small = GeometricLevelsSigma(0.01, 20.0, num_levels=10)
+    raw = small(100_000)
+    assert raw.dtype == torch.get_default_dtype()
+    s = raw.double()
+    # every draw is one of the levels (to float32 rounding) ...
+    dist = (s[:, None].log() - small.levels[None].log()).abs()
+    assert dist.min(1).values.max() < 1e-6
+    # ... with equal probabilities: Pearson chi-square, 9 dof (99.9% quantile 27.9)
+    counts = torch.bincount(dist.argmin(1), minlength=10).double()
+    chi2 = ((counts - 10_000) ** 2 / 10_000).sum().item()
+    assert chi2 < 27.9
+    with pytest.raises(ValueError, match="num_levels"):
+        GeometricLevelsSigma(0.01, 1.0, num_levels=1)
+    with pytest.raises(ValueError, match="sigma_min"):
+        GeometricLevelsSigma(1.0, 0.01, num_levels=10)
 
 
 def test_vp_sigma_matches_vp_sde_marginal():
