@@ -7,14 +7,14 @@ float64; samplers cast it to the sample dtype. :func:`get_sigmas` selects one by
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Literal
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from diffusion_lab.diffusion.samplers._base import check_options
-from diffusion_lab.diffusion.schedules import NoiseSchedule, VPLinear, respaced_timesteps
+from diffusion_lab.diffusion.schedules import NoiseSchedule, VPLinear, respaced_timesteps, schedule_from_spec
 
 
 def _append_zero(sigmas: Tensor) -> Tensor:
@@ -52,20 +52,25 @@ def loglinear_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0) 
     )
 
 
-def vp_sigmas(n: int, schedule: NoiseSchedule | None = None, eps_s: float = 1e-3) -> Tensor:
+def vp_sigmas(
+    n: int, schedule: NoiseSchedule | Mapping[str, Any] | str | None = None, eps_s: float = 1e-3
+) -> Tensor:
     """EDM's VP discretisation (Karras et al. 2022, Table 1): times uniform in ``t`` from 1 to ``eps_s``,
     ``t_i = 1 + i/(n-1) (eps_s - 1)``, mapped through the schedule's ``sigma_ve(t)``, then 0.
 
     The default schedule is the continuous linear-beta VP (``beta_min = 0.1``, ``beta_max = 20``), for which
-    ``sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)`` with ``beta_d = 19.9``.
+    ``sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)`` with ``beta_d = 19.9``. From YAML the schedule is
+    ``schedule_kwargs: {schedule: {class_path: diffusion_lab.diffusion.schedules.VPCosine, init_args: {...}}}``
+    (or a class name of ``diffusion.schedules``), see :func:`~diffusion_lab.diffusion.schedules.schedule_from_spec`.
     """
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"number of steps n must be an integer >= 1, got {n!r}")
     if not 0 < eps_s < 1:
         raise ValueError(f"eps_s must be in (0, 1), got {eps_s}")
-    schedule = VPLinear() if schedule is None else schedule
+    schedule = VPLinear() if schedule is None else schedule_from_spec(schedule)
     t = torch.linspace(1.0, eps_s, n, dtype=torch.float64) if n > 1 else torch.ones(1, dtype=torch.float64)
-    return _append_zero(schedule.sigma_ve(t).to(torch.float64))
+    with torch.no_grad():  # a learned schedule (vdm_schedule) builds no graph here
+        return _append_zero(schedule.sigma_ve(t).to(torch.float64))
 
 
 Respacing = Literal["uniform", "quad", "linspace", "leading", "trailing"]
