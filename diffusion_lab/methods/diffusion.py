@@ -22,6 +22,7 @@ from diffusion_lab.diffusion.hybrid_loss import HybridLoss
 from diffusion_lab.diffusion.losses import DenoisingLoss
 from diffusion_lab.diffusion.schedules import NoiseSchedule
 from diffusion_lab.methods.data_shape import DataShapeMixin
+from diffusion_lab.methods.distill_text import TEXT_KEY
 from diffusion_lab.methods.ema import EMA
 from diffusion_lab.methods.lr_schedules import optimizer_with_step_schedule
 from diffusion_lab.methods.sampling import GuidedSamplerConfig, generate
@@ -99,7 +100,13 @@ class DiffusionModule(DataShapeMixin, L.LightningModule):
         return self.num_classes
 
     def _cond(self, labels: Tensor | None, *, dropout: float = 0.0) -> dict[str, Tensor]:
-        """Conditioning kwargs for the denoiser; labels replaced by the null label with prob. ``dropout``."""
+        """Conditioning kwargs for the denoiser; labels replaced by the null label with prob. ``dropout``.
+
+        A floating-point second batch field is a per-sample text embedding (B, E) (``data.distill_latents`` with
+        captions): it is passed as ``text_emb=`` and dropout replaces it by the zero vector, the null text of
+        ``methods.distill_text`` (classifier-free guidance's unconditional model)."""
+        if labels is not None and labels.is_floating_point():
+            return {TEXT_KEY: self._text_condition(labels, dropout)}
         if self.num_classes == 0 or labels is None:
             return {}
         if labels.min() < 0 or labels.max() >= self.num_classes:
@@ -111,6 +118,17 @@ class DiffusionModule(DataShapeMixin, L.LightningModule):
             drop = torch.rand(labels.shape, device=labels.device) < dropout
             labels = torch.where(drop, torch.full_like(labels, self.null_label), labels)
         return {"labels": labels}
+
+    @staticmethod
+    def _text_condition(text_emb: Tensor, dropout: float) -> Tensor:
+        if text_emb.ndim != 2:
+            raise ValueError(
+                f"a floating-point condition must be text embeddings of shape (batch, dim), got {tuple(text_emb.shape)}"
+            )
+        if dropout > 0:
+            keep = torch.rand(text_emb.shape[0], 1, device=text_emb.device) >= dropout
+            text_emb = text_emb * keep.to(text_emb.dtype)
+        return text_emb
 
     @staticmethod
     def _split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:

@@ -134,3 +134,34 @@ def test_loss_parameters_are_optimised_with_the_network():
     assert sum(len(g["params"]) for g in plain.configure_optimizers().param_groups) == len(
         list(plain.denoiser.parameters())
     )
+
+
+def test_text_embeddings_condition_the_denoiser_with_null_text_dropout():
+    """A floating second batch field is a text embedding: passed as text_emb (so the text projection gets
+    gradient), dropped to the zero vector at the label-dropout rate, and a wrong shape is named."""
+    from diffusion_lab.methods.distill_text import TextConditioned
+
+    torch.manual_seed(0)
+    module = DiffusionModule(
+        TextConditioned(MLP(dim=2, hidden=32, depth=2, num_classes=0), text_dim=5),
+        label_dropout=0.25,
+        optimizer=lambda p: torch.optim.Adam(p, lr=1e-3),
+    )
+    text = torch.randn(4000, 5)
+    cond = module._cond(text, dropout=0.25)
+    dropped = (cond["text_emb"] == 0).all(dim=1)
+    assert abs(dropped.float().mean().item() - 0.25) < 4 * (0.25 * 0.75 / 4000) ** 0.5
+    torch.testing.assert_close(cond["text_emb"][~dropped], text[~dropped])
+    # the text changes the denoiser output, and the training loss sends gradient into the text projection
+    x, sigma = torch.randn(8, 2), torch.full((8,), 0.7)
+    projection = [p for n, p in module.denoiser.named_parameters() if "text" in n]
+    assert projection
+    with torch.no_grad():
+        for p in projection:
+            p.normal_()
+    assert not torch.allclose(module.denoiser(x, sigma, text_emb=text[:8]), module.denoiser(x, sigma))
+    loss = module.training_step((torch.randn(16, 2), torch.randn(16, 5)), 0)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in projection)
+    with pytest.raises(ValueError, match=r"text embeddings of shape \(batch, dim\), got \(16, 5, 1\)"):
+        module._cond(torch.randn(16, 5, 1))
