@@ -12,10 +12,14 @@ classifier guidance. Guided sampling is the VE probability-flow ODE ``dx/dsigma 
 ``ltsp`` / ``stsp`` integrate ``f`` with PLMS and ``g`` with Euler (``diffusion.samplers.split``); any other
 sampler of the suite (``ddim``, ``plms``, ...) integrates the guided denoiser ``D + delta`` as one ODE.
 
-The prior (and classifier) are built from their YAML config and checkpoint at ``setup`` through
-``methods.loading.load_module`` (so a config instantiates before the checkpoint exists; a missing file fails there
-naming it). Inputs are a split of the run's DataModule (digits, any ``ImageFolder``) or :class:`ImageInputs`, a
-folder read only at ``setup``. Each sample has its own noise seed ``seed + index`` (results do not depend on the
+The prior and the classifier are YAML-selectable :class:`ModelSource` objects loaded at ``setup`` (so a config
+instantiates before the weights exist; every missing file fails there, naming it, before any model loads):
+:class:`TrainedModel` (this project's YAML config + checkpoint, ``methods.loading.load_module``; the noise-aware
+classifier of ``methods.classifier``) or :class:`PretrainedModel` (an entry of the pretrained registry, e.g. the ADM
+``adm/256x256_diffusion`` and ``adm/256x256_classifier`` of openai/guided-diffusion). Both classifiers have the
+form ``(x, sigma) -> logits`` in the VE view. Inputs are a split of the run's DataModule (digits, any
+``ImageFolder``), :class:`ImageInputs` (a folder read only at ``setup``) or :class:`ClassLabels` (labels only,
+for class-guided generation). Each sample has its own noise seed ``seed + index`` (results do not depend on the
 batch size). Written under ``output_dir``: ``result_<index>.png``, ``grid.png`` (rows: input | condition |
 result; also to TensorBoard) and ``results.npz`` (``inputs``, ``conditions``, ``results``, ``labels``, ``indices``
 on the [-1, 1] scale).
@@ -36,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from diffusion_lab.data.base import DataModuleBase
 from diffusion_lab.diffusion.conditions import CONDITIONS, ConsistencyLoss, box_mask
-from diffusion_lab.diffusion.guidance import ClassifierGuidance, LossGuidance
+from diffusion_lab.diffusion.guidance import ClassifierGuidance, Guidance, LossGuidance
 from diffusion_lab.diffusion.samplers import SamplerConfig, sample
 
 Task = Literal["colorization", "inpainting", "super_resolution", "classifier"]
@@ -108,19 +112,160 @@ def prior_denoiser(module: nn.Module) -> nn.Module:
     return getattr(module, "denoiser", module)
 
 
-def _load(kind: str, config: str | None, checkpoint: str | None, overrides: Sequence[str]) -> nn.Module:
+class ModelSource:
+    """A model named in YAML and loaded only at ``setup`` (configs instantiate before the weights exist).
+
+    ``check(role)`` fails, naming the missing file and where to get it, without loading anything (so every file
+    is checked before the first, possibly large, model loads); ``load()`` returns the model in eval mode.
+    """
+
+    def check(self, role: str) -> None:
+        raise NotImplementedError
+
+    def load(self) -> nn.Module:
+        raise NotImplementedError
+
+
+class TrainedModel(ModelSource):
+    """A module trained by this project: its YAML config (+ command-line style overrides) and checkpoint
+    (Lightning ``.ckpt`` or safetensors), built by ``methods.loading.load_module``."""
+
+    def __init__(self, config: str, checkpoint: str, overrides: Sequence[str] = ()) -> None:
+        self.config, self.checkpoint, self.overrides = config, checkpoint, list(overrides)
+
+    def check(self, role: str) -> None:
+        if not Path(self.config).expanduser().is_file():
+            raise FileNotFoundError(f"{role} config {str(self.config)!r} does not exist")
+        if not Path(self.checkpoint).expanduser().is_file():
+            raise FileNotFoundError(
+                f"{role} checkpoint {str(self.checkpoint)!r} does not exist; train it with "
+                f"`diffusion-lab fit --config {self.config}` and give the path of its last.ckpt"
+            )
+
+    def load(self) -> nn.Module:
+        from diffusion_lab.methods.loading import load_module
+
+        return load_module(self.config, self.checkpoint, self.overrides)
+
+    def __repr__(self) -> str:
+        return f"TrainedModel(config={self.config!r}, checkpoint={self.checkpoint!r})"
+
+
+class PretrainedModel(ModelSource):
+    """A public model of the pretrained registry (``diffusion_lab.pretrained.load(name, path, **kwargs)``).
+
+    E.g. ``adm/256x256_classifier``: guided-diffusion's noisy ImageNet classifier as ``(x, sigma) -> logits``
+    (``pretrained.guided_diffusion.NoisyClassifierVE``); ``adm/256x256_diffusion``: the class-conditional ADM
+    UNet as ``D(x, sigma, labels=)``. ``kwargs`` go to the loader (``use_fp16``, ``clip_denoised``,
+    ``flag_overrides``). Nothing is downloaded: a missing file fails naming it and its download address.
+    """
+
+    def __init__(self, name: str, path: str, kwargs: dict[str, Any] | None = None) -> None:
+        from diffusion_lab.pretrained import available
+
+        if name not in available():
+            raise ValueError(f"unknown pretrained model {name!r}; available: {', '.join(available())}")
+        self.name, self.path, self.kwargs = name, path, dict(kwargs or {})
+
+    def check(self, role: str) -> None:
+        if not Path(self.path).expanduser().exists():  # a file, or a folder (diffusers models)
+            from diffusion_lab.pretrained import MissingWeightsError, describe
+
+            raise MissingWeightsError(
+                f"{role} weights file {str(self.path)!r} does not exist (nothing is downloaded). "
+                f"{describe(self.name)}"
+            )
+
+    def load(self) -> nn.Module:
+        from diffusion_lab.pretrained import load
+
+        return load(self.name, str(Path(self.path).expanduser()), **self.kwargs).eval()
+
+    def __repr__(self) -> str:
+        return f"PretrainedModel(name={self.name!r}, path={self.path!r})"
+
+
+class _LabelsOnly(Dataset):
+    """``(zeros image, label)`` items: classifier guidance reads only the label (the image sets the shape)."""
+
+    def __init__(self, labels: Tensor, shape: tuple[int, ...]) -> None:
+        self.labels, self.shape = labels, shape
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return torch.zeros(self.shape), self.labels[index]
+
+
+class ClassLabels(DataModuleBase):
+    """Target classes for class-guided generation (task ``classifier``): no images, only labels.
+
+    Item ``i`` is ``(zeros (C, H, W), label_i)`` in every split; the labels are ``labels`` if given, else
+    ``num_samples`` classes drawn uniformly with ``seed`` (as the split-diffusion sampling script does).
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        num_samples: int = 50,
+        labels: Sequence[int] | None = None,
+        resolution: int = 256,
+        channels: int = 3,
+        seed: int = 0,
+        batch_size: int = 8,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(batch_size, num_workers)
+        if num_classes < 1 or num_samples < 1 or resolution < 1 or channels < 1:
+            raise ValueError(
+                "need num_classes, num_samples, resolution and channels >= 1, got "
+                f"{num_classes}, {num_samples}, {resolution}, {channels}"
+            )
+        if labels is not None:
+            bad = [c for c in labels if not 0 <= int(c) < num_classes]
+            if bad or not len(labels):
+                raise ValueError(
+                    f"labels must be a non-empty list of classes in [0, {num_classes}), got {bad}"
+                )
+            chosen = torch.as_tensor(list(labels), dtype=torch.long)
+        else:
+            chosen = torch.randint(num_classes, (num_samples,), generator=torch.Generator().manual_seed(seed))
+        self._num_classes, self._resolution, self._channels = num_classes, resolution, channels
+        self.labels = chosen
+
+    @property
+    def num_channels(self) -> int:
+        return self._channels
+
+    @property
+    def resolution(self) -> int:
+        return self._resolution
+
+    @property
+    def num_classes(self) -> int:
+        return self._num_classes
+
+    def setup(self, stage: str | None = None) -> None:
+        dataset = _LabelsOnly(self.labels, self.data_shape)
+        self.train_set = self.val_set = self.test_set = dataset
+
+
+def _source(
+    role: str, given: Any, config: str | None, checkpoint: str | None, overrides: Sequence[str]
+) -> Any:
+    """``given`` (a ModelSource or a built model), or ``TrainedModel(config, checkpoint)`` from the shorthand."""
+    if config is None and checkpoint is None:
+        return given
+    if given is not None:
+        raise ValueError(
+            f"give the {role} either as {role}= or as {role}_config + {role}_checkpoint, not both"
+        )
     if config is None or checkpoint is None:
         raise ValueError(
-            f"the {kind} needs {kind}_config and {kind}_checkpoint (or an already built {kind}=)"
+            f"the {role} needs both {role}_config and {role}_checkpoint, got {config!r} and {checkpoint!r}"
         )
-    if not Path(checkpoint).expanduser().is_file():
-        raise FileNotFoundError(
-            f"{kind} checkpoint {str(checkpoint)!r} does not exist; train it with "
-            f"`diffusion-lab fit --config {config}` and pass --model.init_args.{kind}_checkpoint=PATH"
-        )
-    from diffusion_lab.methods.loading import load_module
-
-    return load_module(config, checkpoint, overrides)
+    return TrainedModel(config, checkpoint, overrides)
 
 
 class ConditionalSampling(L.LightningModule):
@@ -128,11 +273,19 @@ class ConditionalSampling(L.LightningModule):
 
     Args:
         task: ``colorization`` | ``inpainting`` | ``super_resolution`` | ``classifier``.
-        prior_config, prior_checkpoint, prior_overrides: the prior's YAML, checkpoint (Lightning or safetensors)
-            and command-line style overrides of that YAML; loaded at ``setup``.
-        classifier_config, classifier_checkpoint, classifier_overrides: the noise-aware classifier (task
-            ``classifier``), ``(x, sigma) -> logits``.
-        sampler: method (``stsp``, ``ltsp``, or a baseline such as ``ddim``), steps, sigma grid, options.
+        prior: the diffusion model: a :class:`ModelSource` (YAML ``class_path``: :class:`TrainedModel` or
+            :class:`PretrainedModel`, loaded at ``setup``) or an already built denoiser ``D(x, sigma, **cond)``.
+        classifier: the guidance classifier of task ``classifier``, ``(x, sigma) -> logits``: a
+            :class:`ModelSource` (the project's noise-aware classifier as :class:`TrainedModel`, the ADM
+            256x256 classifier as ``PretrainedModel(name="adm/256x256_classifier", path=...)``) or a callable.
+        prior_config, prior_checkpoint, prior_overrides: shorthand for ``prior=TrainedModel(...)``.
+        classifier_config, classifier_checkpoint, classifier_overrides: shorthand for
+            ``classifier=TrainedModel(...)``.
+        pass_labels: also give the prior the target labels (a class-conditional model plus classifier guidance,
+            ADM's "conditional + classifier" setting); off: the prior runs without labels.
+        sampler: method (``stsp``, ``ltsp``, or a baseline such as ``ddim``), steps, sigma grid, options. A
+            discrete prior (ADM) supplies its own levels to the ``respaced`` grid (``model_sigmas``) and its
+            ``sigma_min`` / ``sigma_max`` to the others, unless ``schedule_kwargs`` set them.
         scale: guidance scale ``s``.
         mask_box: inpainting hole ``(top, left, height, width)`` as fractions of the image (``conditions.box_mask``).
         mask_path: inpainting mask image instead (white = known pixel, black = hole; resized to the input size).
@@ -143,19 +296,20 @@ class ConditionalSampling(L.LightningModule):
         output_dir: where result PNGs, ``grid.png`` and ``results.npz`` go (None: nothing written).
         grid_images, grid_upscale: rows of the grid and its nearest-neighbour upscaling.
         seed: per-sample noise seeds are ``seed + index``.
-        prior, classifier: an already built denoiser / ``(x, sigma) -> logits`` callable (Python use and tests);
-            they replace the config + checkpoint pairs.
     """
 
     def __init__(
         self,
         task: Task = "inpainting",
+        prior: ModelSource | nn.Module | None = None,
+        classifier: ModelSource | nn.Module | Callable[[Tensor, Tensor], Tensor] | None = None,
         prior_config: str | None = None,
         prior_checkpoint: str | None = None,
         prior_overrides: Sequence[str] = (),
         classifier_config: str | None = None,
         classifier_checkpoint: str | None = None,
         classifier_overrides: Sequence[str] = (),
+        pass_labels: bool = False,
         sampler: SamplerConfig | None = None,
         scale: float = 1.0,
         mask_box: Sequence[float] = (0.25, 0.25, 0.5, 0.5),
@@ -168,23 +322,23 @@ class ConditionalSampling(L.LightningModule):
         grid_images: int = 16,
         grid_upscale: int = 4,
         seed: int = 0,
-        prior: nn.Module | None = None,
-        classifier: Callable[[Tensor, Tensor], Tensor] | None = None,
     ) -> None:
         super().__init__()
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-        if prior is None and (prior_config is None or prior_checkpoint is None):
+        prior = _source("prior", prior, prior_config, prior_checkpoint, prior_overrides)
+        if prior is None:
             raise ValueError(
-                "give the prior as prior_config + prior_checkpoint, or as an already built prior="
+                "give the prior as prior= (a TrainedModel / PretrainedModel or a built denoiser) or as "
+                "prior_config + prior_checkpoint"
             )
-        if (
-            task == "classifier"
-            and classifier is None
-            and (classifier_config is None or classifier_checkpoint is None)
-        ):
+        classifier = _source(
+            "classifier", classifier, classifier_config, classifier_checkpoint, classifier_overrides
+        )
+        if task == "classifier" and classifier is None:
             raise ValueError(
-                "task 'classifier' needs classifier_config + classifier_checkpoint (or an already built classifier=)"
+                "task 'classifier' needs classifier= (a TrainedModel / PretrainedModel or a built "
+                "(x, sigma) -> logits callable) or classifier_config + classifier_checkpoint"
             )
         if split not in ("train", "val", "test"):
             raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
@@ -201,10 +355,11 @@ class ConditionalSampling(L.LightningModule):
         if not isinstance(scale, (int, float)) or scale < 0:
             raise ValueError(f"scale must be a number >= 0, got {scale!r}")
         self.save_hyperparameters(ignore=["prior", "classifier", "sampler"])
-        self.task, self.scale, self.seed = task, float(scale), seed
-        self.prior_spec = (prior_config, prior_checkpoint, list(prior_overrides))
-        self.classifier_spec = (classifier_config, classifier_checkpoint, list(classifier_overrides))
-        self.prior, self.classifier = prior, classifier
+        self.task, self.scale, self.seed, self.pass_labels = task, float(scale), seed, pass_labels
+        self.prior_source = prior if isinstance(prior, ModelSource) else None
+        self.classifier_source = classifier if isinstance(classifier, ModelSource) else None
+        self.prior = None if self.prior_source is not None else prior
+        self.classifier = None if self.classifier_source is not None else classifier
         self.sampler = sampler if sampler is not None else SamplerConfig(method="stsp", steps=20)
         self.mask_box, self.mask_path, self.factor = tuple(mask_box), mask_path, factor
         box_mask((8, 8), self.mask_box)  # validate the task's options now (the mask file is read per batch)
@@ -217,14 +372,20 @@ class ConditionalSampling(L.LightningModule):
 
     # ------------------------------------------------------------------ models and data
     def setup(self, stage: str) -> None:
-        if self.prior is None:
-            self.prior = prior_denoiser(_load("prior", *self.prior_spec))
+        """Check every weights file still to load, then load the prior (and the classifier)."""
+        load_prior = self.prior is None
+        load_classifier = self.task == "classifier" and self.classifier is None
+        if load_prior:
+            self.prior_source.check("prior")
+        if load_classifier:
+            self.classifier_source.check("classifier")
+        if load_prior:
+            self.prior = prior_denoiser(self.prior_source.load())
         self.prior.eval().requires_grad_(False)
-        if self.task == "classifier":
-            if self.classifier is None:
-                self.classifier = _load("classifier", *self.classifier_spec)
-            if isinstance(self.classifier, nn.Module):  # guidance differentiates w.r.t. the input only
-                self.classifier.eval().requires_grad_(False)
+        if load_classifier:
+            self.classifier = self.classifier_source.load()
+        if isinstance(self.classifier, nn.Module):  # guidance differentiates w.r.t. the input only
+            self.classifier.eval().requires_grad_(False)
 
     def configure_optimizers(self) -> None:
         raise RuntimeError(
@@ -270,6 +431,38 @@ class ConditionalSampling(L.LightningModule):
             loss = CONDITIONS["colorization"]()
         return loss.bind(images)
 
+    def guidance(
+        self, images: Tensor, labels: Tensor
+    ) -> tuple[Callable[[nn.Module], Guidance], dict[str, Tensor], Tensor]:
+        """(guidance factory for ``sample``, conditioning, condition image shown in the grid) of a batch.
+
+        ``classifier``: ``ClassifierGuidance`` towards ``labels``, guidance term ``g = -s sigma grad_x log
+        p(labels | x, sigma)``; restoration tasks: ``LossGuidance`` with ``L = 1/2 ||A(D(x)) - A(images)||^2``.
+        """
+        loss = self.condition(images)
+        if loss is not None:
+            return partial(LossGuidance, loss_fn=loss, scale=self.scale), {}, loss.degraded()
+        if (labels < 0).any():
+            raise ValueError(
+                "classifier guidance needs labelled inputs (the class of each image is the target)"
+            )
+        factory = partial(
+            ClassifierGuidance, classifier=self.classifier, scale=self.scale, pass_cond=self.pass_labels
+        )
+        return factory, {"labels": labels}, images
+
+    def sigmas(self) -> Tensor:
+        """The sampler's sigma grid (float64), with the prior's own levels as defaults where it has them."""
+        defaults: dict[str, Any] = {}
+        for key in ("sigma_min", "sigma_max"):
+            value = getattr(self.prior, key, None)
+            if isinstance(value, (int, float)):
+                defaults[key] = float(value)
+        model_sigmas = getattr(self.prior, "sigmas", None)
+        if isinstance(model_sigmas, Tensor):
+            defaults["model_sigmas"] = model_sigmas
+        return self.sampler.sigmas(**defaults)
+
     def restore(self, images: Tensor, labels: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
         """(result, condition image) for a batch on the [-1, 1] scale.
 
@@ -278,26 +471,14 @@ class ConditionalSampling(L.LightningModule):
         """
         with torch.inference_mode(False), torch.no_grad():
             images, labels = images.clone(), labels.clone()
-            sigmas = self.sampler.sigmas().to(images.device, torch.float32)
+            sigmas = self.sigmas().to(images.device, torch.float32)
             noise = torch.stack(
                 [
                     torch.randn(images.shape[1:], generator=torch.Generator().manual_seed(self.seed + int(i)))
                     for i in index.tolist()
                 ]
             ).to(images)
-            loss, cond = self.condition(images), {}
-            if loss is None:
-                if (labels < 0).any():
-                    raise ValueError(
-                        "classifier guidance needs labelled inputs (the class of each image is the target)"
-                    )
-                guidance, cond, shown = (
-                    partial(ClassifierGuidance, classifier=self.classifier, scale=self.scale),
-                    {"labels": labels},
-                    images,
-                )
-            else:
-                guidance, shown = partial(LossGuidance, loss_fn=loss, scale=self.scale), loss.degraded()
+            guidance, cond, shown = self.guidance(images, labels)
             out = sample(
                 self.prior,
                 noise * sigmas[0],
@@ -363,4 +544,13 @@ class ConditionalSampling(L.LightningModule):
         np.savez(self.output_dir / f"results{rank}.npz", **{k: v.numpy() for k, v in kept.items()})
 
 
-__all__ = ["ConditionalSampling", "ImageInputs", "prior_denoiser", "TASKS"]
+__all__ = [
+    "ClassLabels",
+    "ConditionalSampling",
+    "ImageInputs",
+    "ModelSource",
+    "PretrainedModel",
+    "TASKS",
+    "TrainedModel",
+    "prior_denoiser",
+]
