@@ -168,13 +168,9 @@ class PretrainedModel(ModelSource):
         self.name, self.path, self.kwargs = name, path, dict(kwargs or {})
 
     def check(self, role: str) -> None:
-        if not Path(self.path).expanduser().exists():  # a file, or a folder (diffusers models)
-            from diffusion_lab.pretrained import MissingWeightsError, describe
+        from diffusion_lab.pretrained import require_file
 
-            raise MissingWeightsError(
-                f"{role} weights file {str(self.path)!r} does not exist (nothing is downloaded). "
-                f"{describe(self.name)}"
-            )
+        require_file(self.name, self.path, role)
 
     def load(self) -> nn.Module:
         from diffusion_lab.pretrained import load

@@ -51,13 +51,9 @@ class PretrainedSpec:
 
     def check_file(self) -> None:
         """Fail now, before any data or model is loaded, when the weights file is missing."""
-        if not Path(self.path).expanduser().exists():
-            from diffusion_lab.pretrained import MissingWeightsError, describe
+        from diffusion_lab.pretrained import require_file
 
-            raise MissingWeightsError(
-                f"weights file '{self.path}' of {self.name} does not exist (nothing is downloaded). "
-                f"{describe(self.name)}"
-            )
+        require_file(self.name, self.path)
 
 
 def prompt_templates(which: TemplateSet) -> list[str]:

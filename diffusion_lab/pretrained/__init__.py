@@ -24,11 +24,12 @@ __all__ = [
     "describe",
     "load",
     "load_state_dict_file",
+    "require_file",
 ]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("load", "available", "describe", "REGISTRY"):
+    if name in ("load", "available", "describe", "require_file", "REGISTRY"):
         from diffusion_lab.pretrained import registry
 
         return getattr(registry, name)

@@ -21,9 +21,12 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from torch import nn
+
+from diffusion_lab.pretrained.safe_load import MissingWeightsError
 
 __all__ = ["REGISTRY", "PretrainedEntry", "available", "describe", "load"]
 
@@ -160,6 +163,16 @@ def describe(name: str) -> str:
     return (
         f"{entry.name}: {entry.description}. Get it from {entry.where_to_get}. Config key: {entry.config_key}"
     )
+
+
+def require_file(name: str, path: str | os.PathLike, role: str = "") -> None:
+    """Fail before any data or model is loaded when the weights of registry entry ``name`` are not at ``path``
+    (a file, or a folder for diffusers models); the error names the path and says where to get the weights."""
+    if not Path(path).expanduser().exists():
+        what = f"{role} weights" if role else f"weights of {name}"
+        raise MissingWeightsError(
+            f"{what} file '{path}' does not exist (nothing is downloaded). {describe(name)}"
+        )
 
 
 def _entry(name: str) -> PretrainedEntry:
