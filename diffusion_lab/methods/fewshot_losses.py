@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from diffusion_lab.methods.fewshot_gather import RankSlice, gather_rows
+
 
 # ---------------------------------------------------------------------------------------------------
 # AMDIM (Bachman et al. 2019, Sec. 3.2-3.3), with the constants of Chen et al.'s few-shot code.
@@ -21,37 +23,54 @@ def tanh_clip(x: Tensor, clip: float) -> Tensor:
     return clip * torch.tanh(x / clip)
 
 
+def _at_least_float32(x: Tensor) -> Tensor:
+    """Scores in float32 under mixed precision, float64 inputs kept (exact tests)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def amdim_nce(
-    src: Tensor, trg: Tensor, clip: float = 20.0, reg_weight: float = 4e-2
+    src: Tensor, trg: Tensor, clip: float = 20.0, reg_weight: float = 4e-2, offset: int = 0
 ) -> tuple[Tensor, Tensor]:
     """NCE of predicting target features from source features; returns ``(loss, regulariser)``.
 
     With ``s[i, j, l] = src[i] . trg[j, :, l] / sqrt(D)`` (raw score of image i's source against location l
-    of image j's target) and ``c = tanh_clip(s, clip)``, each positive pair (i, i, l) is scored against
-    every location of every *other* image in the batch:
+    of image j's target) and ``c = tanh_clip(s, clip)``, each positive pair (i, p(i), l), ``p(i) = offset + i``,
+    is scored against every location of every *other* image of the target batch:
 
-        loss = -mean_{i,l} [ c[i,i,l] - log( exp c[i,i,l] + sum_{j != i} sum_m exp c[i,j,m] ) ]
+        loss = -mean_{i,l} [ c[i,p(i),l] - log( exp c[i,p(i),l] + sum_{j != p(i)} sum_m exp c[i,j,m] ) ]
         reg  = reg_weight * mean_{i,j,l} s[i,j,l]^2       (computed before clipping)
 
     Args:
         src: (B, D) source vectors (a global feature or one sampled local feature per image).
-        trg: (B, D, L) or (B, D, H, W) target feature maps.
+        trg: (N, D, L) or (N, D, H, W) target feature maps, N >= offset + B: the same images as ``src``
+            (N = B, offset 0) or a larger batch holding them at rows ``offset .. offset + B - 1`` (the batch
+            gathered over DDP ranks, ``fewshot_gather.gather_rows``).
+        offset: row of ``src[0]``'s own image in ``trg``.
     """
-    if src.ndim != 2 or trg.ndim not in (3, 4) or trg.shape[:2] != src.shape:
+    if src.ndim != 2 or trg.ndim not in (3, 4) or trg.shape[1] != src.shape[1]:
         raise ValueError(
-            f"amdim_nce expects src (B, D) and trg (B, D, L) or (B, D, H, W), got {tuple(src.shape)} "
+            f"amdim_nce expects src (B, D) and trg (N, D, L) or (N, D, H, W), got {tuple(src.shape)} "
             f"and {tuple(trg.shape)}"
         )
-    if src.shape[0] < 2:
-        raise ValueError("amdim_nce needs a batch of at least 2 images (negatives come from other images)")
     batch, dim = src.shape
-    trg = trg.reshape(batch, dim, -1)
-    scores = torch.einsum("id,jdl->ijl", src.float(), trg.float()) / math.sqrt(dim)  # (B, B, L)
-    reg = reg_weight * scores.pow(2).mean()
+    total = trg.shape[0]
+    if offset < 0 or offset + batch > total:
+        raise ValueError(
+            f"amdim_nce: src rows offset..offset+B-1 = {offset}..{offset + batch - 1} must lie in the "
+            f"{total} target images"
+        )
+    if total < 2:
+        raise ValueError("amdim_nce needs a batch of at least 2 images (negatives come from other images)")
+    trg = trg.reshape(total, dim, -1)
+    scores = torch.einsum("id,jdl->ijl", _at_least_float32(src), _at_least_float32(trg)) / math.sqrt(dim)
+    reg = reg_weight * scores.pow(2).mean()  # (B, N, L)
     scores = tanh_clip(scores, clip)
-    positive = torch.diagonal(scores, dim1=0, dim2=1).T  # (B, L): scores[i, i, l]
-    other = ~torch.eye(batch, dtype=torch.bool, device=src.device)
-    negatives = scores.masked_fill(~other[:, :, None], float("-inf")).reshape(batch, -1)
+    rows = torch.arange(batch, device=src.device)
+    own = rows + offset
+    positive = scores[rows, own]  # (B, L): scores[i, p(i), l]
+    is_own = torch.zeros(batch, total, dtype=torch.bool, device=src.device)
+    is_own[rows, own] = True
+    negatives = scores.masked_fill(is_own[:, :, None], float("-inf")).reshape(batch, -1)
     log_negatives = torch.logsumexp(negatives, dim=1, keepdim=True)  # (B, 1): shared by i's positives
     log_softmax = positive - torch.logaddexp(positive, log_negatives)
     return -log_softmax.mean(), reg
@@ -74,6 +93,7 @@ def amdim_infomax(
     location_2: Tensor,
     clip: float = 20.0,
     reg_weight: float = 4e-2,
+    gather: bool = False,
 ) -> dict[str, Tensor]:
     """AMDIM's three infomax terms between two augmented views, each averaged over both directions.
 
@@ -81,35 +101,49 @@ def amdim_infomax(
     7x7 map; ``5t5``: the 5x5 feature at a random location (``location_v``, flat index per image) of one view
     vs the other view's 5x5 map. ``reg`` is half the sum of the six directional regularisers and ``loss`` is
     ``1t5 + 1t7 + 5t5 + reg`` (as in AMDIM's ``NCE_MI_MULTI``).
+
+    ``gather=True`` (under DDP): the target maps of all ranks are gathered (``fewshot_gather.gather_rows``,
+    gradients flowing back to each rank), so the negatives are every other image of the global batch and each
+    term is rank-weighted: the mean of the ranks' terms equals the single-process terms on the whole batch,
+    and so do the DDP-averaged gradients. A no-op without a process group.
     """
     src5_1, src5_2 = sample_locations(local5_1, location_1), sample_locations(local5_2, location_2)
+    targets, where = [local5_1, local5_2, local7_1, local7_2], RankSlice()
+    if gather:
+        targets, where = gather_rows(*targets)
+    trg5_1, trg5_2, trg7_1, trg7_2 = targets
     pairs = {
-        "1t5": ((global_1, local5_2), (global_2, local5_1)),
-        "1t7": ((global_1, local7_2), (global_2, local7_1)),
-        "5t5": ((src5_1, local5_2), (src5_2, local5_1)),
+        "1t5": ((global_1, trg5_2), (global_2, trg5_1)),
+        "1t7": ((global_1, trg7_2), (global_2, trg7_1)),
+        "5t5": ((src5_1, trg5_2), (src5_2, trg5_1)),
     }
     terms: dict[str, Tensor] = {}
     reg = global_1.new_zeros((), dtype=torch.float32)
     for name, directions in pairs.items():
         losses = []
         for src, trg in directions:
-            loss, r = amdim_nce(src, trg, clip, reg_weight)
+            loss, r = amdim_nce(src, trg, clip, reg_weight, offset=where.offset)
             losses.append(loss)
             reg = reg + 0.5 * r
-        terms[name] = 0.5 * (losses[0] + losses[1])
-    terms["reg"] = reg
-    terms["loss"] = terms["1t5"] + terms["1t7"] + terms["5t5"] + reg
+        terms[name] = where.scale * 0.5 * (losses[0] + losses[1])
+    terms["reg"] = where.scale * reg
+    terms["loss"] = terms["1t5"] + terms["1t7"] + terms["5t5"] + terms["reg"]
     return terms
 
 
 # ---------------------------------------------------------------------------------------------------
 # SimCLR (Chen et al. 2020, "A Simple Framework for Contrastive Learning", eq. 1).
 # ---------------------------------------------------------------------------------------------------
-def nt_xent(z_1: Tensor, z_2: Tensor, temperature: float = 0.5) -> Tensor:
+def nt_xent(z_1: Tensor, z_2: Tensor, temperature: float = 0.5, gather: bool = False) -> Tensor:
     """NT-Xent over 2B views: ``mean_k -log exp(sim(k, pos(k))/t) / sum_{m != k} exp(sim(k, m)/t)``.
 
     ``sim`` is cosine similarity; view k of ``z_1`` is positive with view k of ``z_2`` and vice versa; all
     other 2B - 2 views are negatives. z_1, z_2: (B, D) projections.
+
+    ``gather=True`` (under DDP): the local views are scored against the views of all ranks (2N - 2 negatives,
+    ``fewshot_gather.gather_rows``) and the loss is rank-weighted, so that the mean over ranks and the
+    DDP-averaged gradients equal the single-process NT-Xent on the whole batch. A no-op without a process
+    group.
     """
     if z_1.shape != z_2.shape or z_1.ndim != 2:
         raise ValueError(
@@ -118,11 +152,18 @@ def nt_xent(z_1: Tensor, z_2: Tensor, temperature: float = 0.5) -> Tensor:
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     batch = z_1.shape[0]
-    z = F.normalize(torch.cat([z_1, z_2]).float(), dim=1)  # (2B, D)
-    logits = z @ z.T / temperature
-    logits = logits.masked_fill(torch.eye(2 * batch, dtype=torch.bool, device=z.device), float("-inf"))
-    positive = torch.cat([torch.arange(batch, 2 * batch), torch.arange(batch)]).to(z.device)
-    return F.cross_entropy(logits, positive)
+    (all_1, all_2), where = gather_rows(z_1, z_2) if gather else ((z_1, z_2), RankSlice())
+    total = all_1.shape[0]
+    queries = F.normalize(_at_least_float32(torch.cat([z_1, z_2])), dim=1)  # (2B, D): this rank's views
+    keys = F.normalize(_at_least_float32(torch.cat([all_1, all_2])), dim=1)  # (2N, D): every rank's views
+    logits = queries @ keys.T / temperature
+    # view k of z_1 sits at key offset + k, of z_2 at total + offset + k; its twin in the other half
+    own = torch.cat([torch.arange(batch), total + torch.arange(batch)]).to(z_1.device) + where.offset
+    twin = torch.cat([own[batch:], own[:batch]])
+    is_own = torch.zeros_like(logits, dtype=torch.bool)
+    is_own[torch.arange(2 * batch, device=z_1.device), own] = True
+    logits = logits.masked_fill(is_own, float("-inf"))
+    return where.scale * F.cross_entropy(logits, twin)
 
 
 # ---------------------------------------------------------------------------------------------------

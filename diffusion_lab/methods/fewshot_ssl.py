@@ -62,6 +62,9 @@ class AMDIMPretraining(_Pretraining):
         augmentation: batch augmentation (a ``BatchAugment``); ``None`` = ``default_augmentation``.
         clip: tanh clipping value of the scores (20 in Chen et al.'s code).
         reg_weight: weight of the mean squared raw score (4e-2 in Chen et al.'s code).
+        gather_negatives: under DDP, take the negatives from the batch of every rank (all-gather with
+            gradients, ``methods/fewshot_gather.py``), so the objective does not depend on the number of
+            processes; ``False``: each rank's own batch only. No effect on one process.
         optimizer, lr_scheduler, export_path: see ``EpisodicModule``.
     """
 
@@ -71,6 +74,7 @@ class AMDIMPretraining(_Pretraining):
         augmentation: nn.Module | None = None,
         clip: float = 20.0,
         reg_weight: float = 4e-2,
+        gather_negatives: bool = True,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
         export_path: str | None = None,
@@ -84,6 +88,7 @@ class AMDIMPretraining(_Pretraining):
             raise ValueError(f"need clip > 0 and reg_weight >= 0, got clip={clip}, reg_weight={reg_weight}")
         super().__init__(network, augmentation, optimizer, lr_scheduler, export_path)
         self.clip, self.reg_weight = clip, reg_weight
+        self.gather_negatives = gather_negatives
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, _ = self._images(batch)
@@ -93,7 +98,17 @@ class AMDIMPretraining(_Pretraining):
         n_locations = l5_1.shape[-2] * l5_1.shape[-1]
         locations = torch.randint(0, n_locations, (2, b), device=x.device)
         terms = amdim_infomax(
-            g1, l5_1, l7_1, g2, l5_2, l7_2, locations[0], locations[1], self.clip, self.reg_weight
+            g1,
+            l5_1,
+            l7_1,
+            g2,
+            l5_2,
+            l7_2,
+            locations[0],
+            locations[1],
+            self.clip,
+            self.reg_weight,
+            gather=self.gather_negatives,
         )
         self._check_loss(terms["loss"], batch_idx)
         for name, value in terms.items():
@@ -112,6 +127,7 @@ class SimCLRPretraining(_Pretraining):
         temperature: NT-Xent temperature (0.5 in SimCLR's CIFAR-10 setting).
         projection_dim, hidden_dim: projection head ``Linear - BN - ReLU - Linear`` (hidden defaults to out_dim);
             the few-shot embedding is taken before it, as in SimCLR.
+        gather_negatives: under DDP, negatives from the views of every rank (as ``AMDIMPretraining``).
         optimizer, lr_scheduler, export_path: see ``EpisodicModule``.
     """
 
@@ -122,6 +138,7 @@ class SimCLRPretraining(_Pretraining):
         temperature: float = 0.5,
         projection_dim: int = 128,
         hidden_dim: int | None = None,
+        gather_negatives: bool = True,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
         export_path: str | None = None,
@@ -138,12 +155,13 @@ class SimCLRPretraining(_Pretraining):
             nn.Linear(hidden, projection_dim),
         )
         self.nt_xent_temperature = temperature
+        self.gather_negatives = gather_negatives
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, _ = self._images(batch)
         b = x.shape[0]
         z = self.projection(self.network(torch.cat([self.augment(x), self.augment(x)])))
-        loss = nt_xent(z[:b], z[b:], self.nt_xent_temperature)
+        loss = nt_xent(z[:b], z[b:], self.nt_xent_temperature, gather=self.gather_negatives)
         self._check_loss(loss, batch_idx)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=b)
         return loss
