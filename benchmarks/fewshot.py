@@ -22,8 +22,9 @@ larger instance noise.
     python -m benchmarks fewshot                      # ~6 CPU minutes (two styles in parallel, ~3 each)
     python -m benchmarks fewshot -- --ssl-steps 600   # longer pretraining
 
-Writes benchmarks/results/fewshot.md, .json (``gain_1shot_points``: row 5 - row 2 in 1-shot, in points, on the
-first style; ``gain_1shot_points_by_style``) and .png (8 test classes x 8 instances of each style, side by side).
+Writes benchmarks/results/fewshot.md (one table, the styles side by side), .json (``gain_1shot_points``:
+{style: row 5 - row 2 in 1-shot, in points}, likewise ``gain_5shot_points``, ``headroom_1shot_points`` = 100 -
+row 2, ``goal_10_points_met``) and .png (8 test classes x 8 instances of each style, side by side).
 """
 
 from __future__ import annotations
@@ -225,79 +226,143 @@ def _command_line(args: argparse.Namespace) -> str:
     return " ".join(parts)
 
 
+def _headline(args: argparse.Namespace, runs: dict[str, dict]) -> dict:
+    """The JSON record: per style, the accuracies, the gains of row 5 over row 2 and the headroom above row 2."""
+
+    def per_style(fn) -> dict:
+        return {style: fn(run) for style, run in runs.items()}
+
+    def gain(key: str):
+        return lambda run: round(run["gains"][key], 2)
+
+    return {
+        # row 5 - row 2 in points, for every style (not a single number: the styles differ by 10+ points)
+        "gain_1shot_points": per_style(gain("5way1shot")),
+        "gain_5shot_points": per_style(gain("5way5shot")),
+        # 100 - row 2 in 1-shot: the largest gain any method could show over random init + ProtoNet
+        "headroom_1shot_points": per_style(
+            lambda run: round(100 * (1 - run["accuracy"][ROWS[1]]["5way1shot"][0]), 2)
+        ),
+        "goal_10_points_met": per_style(lambda run: run["gains"]["5way1shot"] >= 10),
+        "styles": {style: str(STYLES[style]) for style in runs},
+        "settings": vars(args),
+        "parameters": next(iter(runs.values()))["parameters"],
+        "accuracy": per_style(
+            lambda run: {
+                row: {key: {"mean": round(m, 6), "ci95": round(c, 6)} for key, (m, c) in res.items()}
+                for row, res in run["accuracy"].items()
+            }
+        ),
+        "train_cpu_seconds": per_style(lambda run: {row: round(v, 1) for row, v in run["cpu_s"].items()}),
+        "render_cpu_seconds": per_style(lambda run: round(run["render_cpu_s"], 1)),
+    }
+
+
+def _saturation_note(headroom: dict[str, float]) -> str:
+    """Why the comparison is reported on two styles (only when the default style was run)."""
+    if "default" not in headroom:
+        return ""
+    return f"""**Why two styles.** On the generator's `default` style the task saturates: ProtoNet from random init
+already reaches {100 - headroom["default"]:.1f}% in 1-shot, so no embedding can gain more than the
+{headroom["default"]:.1f} points of headroom above it, and the issue's +10 points are out of reach there whatever
+the pretraining. `hard` (larger stroke jitter, affine and thickness noise; defined once after seeing that ceiling
+and not tuned afterwards) leaves room for the comparison. Both are reported; neither replaces the other.
+
+"""
+
+
+def _markdown(args: argparse.Namespace, headline: dict) -> str:
+    """One table with every style side by side (columns: style x shot), then the CPU seconds."""
+    styles = list(headline["accuracy"])
+    keys = ("5way1shot", "5way5shot")
+
+    def pct(style: str, row: str, key: str) -> str:
+        result = headline["accuracy"][style][row][key]
+        return f"{100 * result['mean']:.1f} +- {100 * result['ci95']:.1f}"
+
+    header = ["embedding (same encoder)"] + [f"`{s}` {k[4]}-shot" for s in styles for k in keys]
+    rows = [[row] + [pct(s, row, k) for s in styles for k in keys] for row in ROWS]
+    rows[-1] = [f"**{rows[-1][0]}**"] + [f"**{cell}**" for cell in rows[-1][1:]]
+    g1, g5 = headline["gain_1shot_points"], headline["gain_5shot_points"]
+    rows.append(
+        ["gain: SSL + ProtoNet - random init + ProtoNet (points)"]
+        + [
+            f"**{v:+.1f}**" if k == keys[0] else f"{v:+.1f}"
+            for s in styles
+            for k, v in zip(keys, (g1[s], g5[s]))
+        ]
+    )
+    headroom = headline["headroom_1shot_points"]
+    rows.append(
+        ["headroom: 100 - random init + ProtoNet (points)"]
+        + [f"{headroom[s]:.1f}" if k == keys[0] else "" for s in styles for k in keys]
+    )
+    rows.append(
+        ["issue goal: gain >= +10 in 1-shot"]
+        + [
+            ("met" if headline["goal_10_points_met"][s] else "**NOT met**") if k == keys[0] else ""
+            for s in styles
+            for k in keys
+        ]
+    )
+    seconds = headline["train_cpu_seconds"]
+    cpu_rows = [[row] + [f"{seconds[s][row]:.0f}" for s in styles] for row in ROWS]
+    style_lines = "\n".join(
+        f"- `{s}`: `{headline['styles'][s]}`; rendered in {headline['render_cpu_seconds'][s]:.0f} CPU s."
+        for s in styles
+    )
+    verdict = "; ".join(
+        f"`{s}` {g1[s]:+.1f} points ({'met' if headline['goal_10_points_met'][s] else 'NOT met'}, "
+        f"headroom {headroom[s]:.1f})"
+        for s in styles
+    )
+    return f"""# Few-shot SSL on procedural glyphs (Chen et al., CPU scale)
+
+`python -m benchmarks fewshot -- {_command_line(args)}`
+
+**1-shot gain of SSL (AMDIM) + ProtoNet over random init + ProtoNet (issue goal: >= +10 points): {verdict}.**
+
+{markdown_table(header, rows)}
+
+5-way accuracy in %, +- the 95% interval `1.96 std / sqrt(episodes)`, over the same {args.test_episodes} fixed
+test episodes (15 queries per class) of {args.test_classes} unseen classes for every row of a style; both
+styles come from this one run, with the same seed, encoder, step counts and learning rates.
+
+{_saturation_note(headroom)}Glyphs (`GlyphClasses`, seed {args.seed}, 32x32): {args.train_classes} training classes,
+{args.test_classes} unseen test classes, {args.instances} rendered instances each. Styles:
+
+{style_lines}
+
+Encoder (every row): `AmdimEncoder(ndf={args.ndf}, n_rkhs={args.n_rkhs}, depth={args.depth}, use_bn=True)`,
+{headline["parameters"]:,} parameters. Pretraining (supervised and AMDIM): {args.ssl_steps} steps of batch
+{args.batch_size}, Adam lr {args.ssl_lr} (betas 0.8, 0.999, weight decay 1e-5, as AMDIM), the
+`{args.augmentation}` kornia augmentation (`data/fewshot_augment.py`). ProtoNet (every row that has it):
+{args.protonet_episodes} 5-way 1-shot 15-query episodes, Adam lr {args.protonet_lr}, temperature
+{args.temperature}.
+
+![test glyphs]({args.output}.png)
+
+8 test classes (rows) x 8 instances of each style, left to right: {", ".join(styles)}.
+
+Training CPU seconds (one thread; rows 2-5 include their pretraining):
+
+{markdown_table(["embedding"] + [f"`{s}`" for s in styles], cpu_rows)}
+"""
+
+
 def main() -> None:
     args = parse_args()
     with ProcessPoolExecutor(max_workers=max(1, min(args.jobs, len(args.styles)))) as pool:
         runs = dict(zip(args.styles, pool.map(run_style, [args] * len(args.styles), args.styles)))
-
-    def pct(result: dict, row: str, key: str) -> str:
-        mean, ci = result["accuracy"][row][key]
-        return f"{100 * mean:.1f} +- {100 * ci:.1f}"
-
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    sections = []
-    for style, run in runs.items():
-        rows = [
-            [row, pct(run, row, "5way1shot"), pct(run, row, "5way5shot"), f"{run['cpu_s'][row]:.0f}"]
-            for row in ROWS
-        ]
-        g1, g5 = run["gains"]["5way1shot"], run["gains"]["5way5shot"]
-        sections.append(
-            f"""## `{style}` glyphs
-
-`{STYLES[style]}`; rendered in {run["render_cpu_s"]:.0f} CPU s.
-
-{markdown_table(["embedding", "5-way 1-shot", "5-way 5-shot", "train CPU s"], rows)}
-
-**SSL + ProtoNet vs random init + ProtoNet: {g1:+.1f} points in 1-shot, {g5:+.1f} in 5-shot** (issue goal:
-+10 in 1-shot: {"met" if g1 >= 10 else "NOT met"}; the largest gain possible above this baseline is
-{100 - 100 * run["accuracy"][ROWS[1]]["5way1shot"][0]:.1f} points).
-"""
-        )
-    first = runs[args.styles[0]]
     grids = [glyph_grid(run["sample"], nrow=8) for run in runs.values()]
     gap = torch.full((grids[0].shape[0], 8), 128, dtype=torch.uint8)
     panel = torch.cat([torch.cat([grid, gap], dim=1) for grid in grids], dim=1)[:, :-8]
     Image.fromarray(panel.numpy()).resize((panel.shape[1] * 2, panel.shape[0] * 2), Image.NEAREST).save(
         RESULTS_DIR / f"{args.output}.png"
     )
-    markdown = f"""# Few-shot SSL on procedural glyphs (Chen et al., CPU scale)
-
-`python -m benchmarks fewshot -- {_command_line(args)}`
-
-Glyphs (`GlyphClasses`, seed {args.seed}, 32x32): {args.train_classes} training classes, {args.test_classes}
-unseen test classes, {args.instances} rendered instances each. Encoder (every row):
-`AmdimEncoder(ndf={args.ndf}, n_rkhs={args.n_rkhs}, depth={args.depth}, use_bn=True)`, {first["parameters"]:,}
-parameters. Pretraining (supervised and AMDIM): {args.ssl_steps} steps of batch {args.batch_size}, Adam lr
-{args.ssl_lr} (betas 0.8, 0.999, weight decay 1e-5, as AMDIM), the `{args.augmentation}` kornia augmentation
-(`data/fewshot_augment.py`). ProtoNet (every row that has it): {args.protonet_episodes} 5-way 1-shot 15-query
-episodes, Adam lr {args.protonet_lr}, temperature {args.temperature}. Test: the same {args.test_episodes} fixed
-5-way episodes (15 queries per class) for every row; accuracy in %, +- the 95% interval. CPU s: training CPU
-time (one thread; rows 2-5 include their pretraining).
-
-![test glyphs]({args.output}.png)
-
-8 test classes (rows) x 8 instances of each style, left to right: {", ".join(runs)}.
-
-{chr(10).join(sections)}"""
-    headline = {
-        "gain_1shot_points": round(first["gains"]["5way1shot"], 2),
-        "gain_1shot_points_by_style": {s: round(r["gains"]["5way1shot"], 2) for s, r in runs.items()},
-        "gain_5shot_points_by_style": {s: round(r["gains"]["5way5shot"], 2) for s, r in runs.items()},
-        "goal_10_points_met_by_style": {s: r["gains"]["5way1shot"] >= 10 for s, r in runs.items()},
-        "settings": vars(args),
-        "accuracy": {
-            style: {
-                row: {key: {"mean": round(m, 4), "ci95": round(c, 4)} for key, (m, c) in res.items()}
-                for row, res in run["accuracy"].items()
-            }
-            for style, run in runs.items()
-        },
-        "train_cpu_seconds": {
-            s: {row: round(v, 1) for row, v in r["cpu_s"].items()} for s, r in runs.items()
-        },
-    }
-    print(write_results(args.output, markdown, headline).read_text())
+    headline = _headline(args, runs)
+    print(write_results(args.output, _markdown(args, headline), headline).read_text())
 
 
 if __name__ == "__main__":
