@@ -101,18 +101,35 @@ class DataModuleBase(LightningDataModule):
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
 
-    # ---- shape information (override in subclasses) ------------------------------------------------
+    # ---- shape information: set_shape() in __init__, or override the properties ---------------------
+    def set_shape(self, num_channels: int, resolution: int | None, num_classes: int) -> None:
+        """Declare the data's shape once (what the properties below return and the CLI links to the model)."""
+        self._shape_fields = {
+            "num_channels": num_channels,
+            "resolution": resolution,
+            "num_classes": num_classes,
+        }
+
+    def _shape_field(self, name: str) -> Any:
+        fields = getattr(self, "_shape_fields", None)
+        if fields is None:
+            raise NotImplementedError(
+                f"{type(self).__name__} must call set_shape(num_channels, resolution, num_classes) in __init__ "
+                f"or override the {name} property"
+            )
+        return fields[name]
+
     @property
     def num_channels(self) -> int:
-        raise NotImplementedError
+        return self._shape_field("num_channels")
 
     @property
     def resolution(self) -> int | None:
-        raise NotImplementedError
+        return self._shape_field("resolution")
 
     @property
     def num_classes(self) -> int:
-        raise NotImplementedError
+        return self._shape_field("num_classes")
 
     @property
     def data_shape(self) -> tuple[int, ...]:

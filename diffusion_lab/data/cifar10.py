@@ -40,18 +40,7 @@ class CIFAR10(DataModuleBase):
         super().__init__(batch_size, num_workers, val_batch_size, drop_last, pin_memory)
         self.save_hyperparameters()
         self.root, self.download, self.random_flip = Path(root), download, random_flip
-
-    @property
-    def num_channels(self) -> int:
-        return 3
-
-    @property
-    def resolution(self) -> int:
-        return 32
-
-    @property
-    def num_classes(self) -> int:
-        return 10
+        self.set_shape(3, 32, 10)
 
     def _load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         from torchvision.datasets import CIFAR10 as TorchvisionCIFAR10

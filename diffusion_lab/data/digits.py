@@ -63,22 +63,11 @@ class Digits(DataModuleBase):
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         self.save_hyperparameters()
         self._resolution = resolution
+        self.set_shape(1, resolution, 10)
         self.resize_mode = resize_mode
         self.val_fraction, self.seed = val_fraction, seed
         self.train_indices: torch.Tensor | None = None
         self.val_indices: torch.Tensor | None = None
-
-    @property
-    def num_channels(self) -> int:
-        return 1
-
-    @property
-    def resolution(self) -> int:
-        return self._resolution
-
-    @property
-    def num_classes(self) -> int:
-        return 10
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:

@@ -231,18 +231,11 @@ class ImageFolder(DataModuleBase):
         self._num_classes = num_classes
         self._found: tuple[list[Path], list[int], list[str]] | None = None
         self._resolution, self._channels = resolution, channels
+        self.set_shape(channels, resolution, num_classes or 0)  # num_classes: overridden below
         self.random_flip, self.val_fraction, self.seed = random_flip, val_fraction, seed
         self.interpolation, self.on_bad_image, self.cache = interpolation, on_bad_image, cache
         self.skipped_files: list[Path] = []
         self._split_files: dict[str, list[Path]] = {}
-
-    @property
-    def num_channels(self) -> int:
-        return self._channels
-
-    @property
-    def resolution(self) -> int:
-        return self._resolution
 
     @property
     def num_classes(self) -> int:

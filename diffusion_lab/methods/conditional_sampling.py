@@ -66,18 +66,7 @@ class ImageInputs(DataModuleBase):
         if channels not in (1, 3) or resolution < 1:
             raise ValueError(f"need channels 1 or 3 and resolution >= 1, got {channels} and {resolution}")
         self.root, self._resolution, self._channels = root, resolution, channels
-
-    @property
-    def num_channels(self) -> int:
-        return self._channels
-
-    @property
-    def resolution(self) -> int:
-        return self._resolution
-
-    @property
-    def num_classes(self) -> int:
-        return 0
+        self.set_shape(channels, resolution, 0)
 
     def setup(self, stage: str | None = None) -> None:
         if self.val_set is not None:
@@ -227,20 +216,8 @@ class ClassLabels(DataModuleBase):
             chosen = torch.as_tensor(list(labels), dtype=torch.long)
         else:
             chosen = torch.randint(num_classes, (num_samples,), generator=torch.Generator().manual_seed(seed))
-        self._num_classes, self._resolution, self._channels = num_classes, resolution, channels
+        self.set_shape(channels, resolution, num_classes)
         self.labels = chosen
-
-    @property
-    def num_channels(self) -> int:
-        return self._channels
-
-    @property
-    def resolution(self) -> int:
-        return self._resolution
-
-    @property
-    def num_classes(self) -> int:
-        return self._num_classes
 
     def setup(self, stage: str | None = None) -> None:
         dataset = _LabelsOnly(self.labels, self.data_shape)
