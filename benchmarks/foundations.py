@@ -15,6 +15,7 @@ and writes ``benchmarks/results/foundations{.md,.json,.png}`` (FID vs NFE, one l
 
     python -m benchmarks foundations -- --train                       # all formulations (CPU: hours)
     python -m benchmarks foundations -- --formulations edm --train --max-epochs 2 --nfe 10 --num-samples 200
+    # parallel: one process per formulation (--name scratch_<f>), then `--reuse` assembles the table in seconds
     # CIFAR-10 (GPU): train with configs/zoo/cifar10_*.yaml (or configs/diffusion/cifar10_{ddpm,edm}.yaml), then
     python -m benchmarks foundations -- --scale cifar10 --checkpoint-dir runs/zoo --feature-extractor inception \
         --weights pt_inception-2015-12-05-6726825d.pth --num-samples 50000 --data-root /data/cifar10
@@ -36,7 +37,7 @@ from benchmarks._common import RESULTS_DIR, markdown_table, write_results
 from benchmarks._models import CACHE, REPO, train_cached
 
 CONFIGS = REPO / "configs"
-FORMULATIONS = ("ddpm", "iddpm", "ncsn", "sde_ve", "sde_vp", "sde_subvp", "vdm", "edm")
+FORMULATIONS = ("ddpm", "iddpm", "ncsn", "sde_ve", "sde_vp", "sde_subvp", "vdm", "vdm_learned", "edm")
 GPU_CONFIGS = {
     "ddpm": CONFIGS / "diffusion" / "cifar10_ddpm.yaml",
     "edm": CONFIGS / "diffusion" / "cifar10_edm.yaml",
@@ -60,6 +61,7 @@ NATURAL_SAMPLERS: dict[str, list[tuple[str, dict[str, Any], int, int]]] = {
     "sde_vp": [("reverse sde", {"method": "pc"}, 1, 0), _ODE],
     "sde_subvp": [("reverse sde", {"method": "pc"}, 1, 0), _ODE],
     "vdm": [("ancestral", {"method": "ddpm"}, 1, 0), _ODE],
+    "vdm_learned": [("ancestral", {"method": "ddpm"}, 1, 0), _ODE],
     "edm": [("heun", {"method": "heun"}, 2, -1), ("euler", {"method": "euler", "options": {}}, 1, 0)],
 }
 
@@ -139,8 +141,11 @@ def evaluate_formulation(name: str, ckpt: Path, evaluate: Any, args: argparse.Na
     config = str(config_path(name, args.scale))
     overrides = [f"--data.init_args.root={args.data_root}"] if args.data_root else []
     rows = []
-    for label, sampler, per_step, extra in NATURAL_SAMPLERS[name]:
-        steps = sorted({steps_for_nfe(n, per_step, extra) for n in args.nfe})
+    for index, (label, sampler, per_step, extra) in enumerate(NATURAL_SAMPLERS[name]):
+        budgets = [
+            n for n in args.nfe if index == 0 or args.secondary_max_nfe is None or n <= args.secondary_max_nfe
+        ]
+        steps = sorted({steps_for_nfe(n, per_step, extra) for n in budgets})
         out = Path(args.work_dir) / name / label.replace(" ", "_").replace("(", "").replace(")", "")
         argv = [
             "--config", config, "--checkpoint", str(ckpt), "--samplers", json.dumps([sampler]),
@@ -150,7 +155,12 @@ def evaluate_formulation(name: str, ckpt: Path, evaluate: Any, args: argparse.Na
         ]  # fmt: skip
         if args.weights:
             argv += ["--weights", args.weights]
-        evaluate.main(argv)
+        stamp = {"argv": argv, "checkpoint": [ckpt.stat().st_size, ckpt.stat().st_mtime_ns]}
+        stamp_file = out / "stamp.json"
+        reusable = args.reuse and stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp
+        if not reusable:
+            evaluate.main(argv)
+            stamp_file.write_text(json.dumps(stamp))
         for row in json.loads((out / "quality_vs_nfe.json").read_text()):
             rows.append(
                 {"formulation": name, "sampler": label, **{k: v for k, v in row.items() if k != "sampler"}}
@@ -191,6 +201,12 @@ def main() -> None:
         "--checkpoint-dir", default=None, help="<dir>/<formulation>/last.ckpt instead of the cache"
     )
     parser.add_argument("--num-samples", type=int, default=1000)
+    parser.add_argument(
+        "--secondary-max-nfe",
+        type=int,
+        default=None,
+        help="largest NFE for each formulation's second sampler (the first, native one gets every --nfe)",
+    )
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--nll-samples", type=int, default=179)
     parser.add_argument("--nll-t-samples", type=int, default=16)
@@ -206,6 +222,12 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--work-dir", default=str(CACHE / "foundations_eval"))
     parser.add_argument("--name", default="foundations", help="results file name under benchmarks/results/")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="reuse a formulation's evaluation from --work-dir when its checkpoint and settings are unchanged "
+        "(evaluate formulations in parallel processes, then assemble the table with --reuse)",
+    )
     args = parser.parse_args()
     if args.num_levels is None:
         args.num_levels = 17 if args.scale == "digits" else 256
@@ -238,7 +260,13 @@ def main() -> None:
     md = [
         "# Foundations zoo: FID / IS / class accuracy / ELBO vs NFE",
         "",
-        f"Scale: {args.scale}{train_note}; {args.num_samples} samples per row, feature extractor "
+        f"Scale: {args.scale}{train_note}; {args.num_samples} samples per row"
+        + (
+            f" (each formulation's second sampler only up to NFE {args.secondary_max_nfe})"
+            if args.secondary_max_nfe
+            else ""
+        )
+        + ", feature extractor "
         f"`{args.feature_extractor}`; ELBO on {args.nll_samples} validation images "
         f"(VDM estimator over sigma in [1e-3, 80], {args.nll_t_samples} stratified draws, dequantised to "
         f"{args.num_levels} levels). Reproduce: `python -m benchmarks foundations -- --train`.",
