@@ -192,21 +192,28 @@ class Denoiser(nn.Module):
         x0 = (append_dims(c_skip, x.ndim) * x + append_dims(c_out, x.ndim) * out.to(x.dtype)).to(x.dtype)
         return x0, v
 
-    def forward(self, x: Tensor, sigma: Tensor | float, **cond: Tensor) -> Tensor:
-        return self._evaluate(x, sigma, **cond)[0]
+    def forward(
+        self, x: Tensor, sigma: Tensor | float, *, return_variance: bool = False, **cond: Tensor
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """``D(x, sigma)``; with ``return_variance`` also the learned variance fraction (see
+        :meth:`denoise_with_variance`), from the same backbone call (one call of this module either way, so
+        forward hooks, e.g. NFE counters, see every evaluation)."""
+        if return_variance and not self.learned_variance:
+            raise ValueError(
+                "this Denoiser has no variance head: build it with learned_variance=True and a network "
+                "with twice the data channels (DiffusionModule: learned_variance: true)"
+            )
+        x0, v = self._evaluate(x, sigma, **cond)
+        if not return_variance:
+            return x0
+        return x0, (v.to(x.dtype) + 1) / 2  # type: ignore[union-attr]
 
     def denoise_with_variance(
         self, x: Tensor, sigma: Tensor | float, **cond: Tensor
     ) -> tuple[Tensor, Tensor]:
         """``(D(x, sigma), frac)`` from one backbone call; ``frac = (v + 1)/2`` (iDDPM eq. 15), shaped like x,
         in x's dtype (not clamped: iDDPM lets the fraction leave [0, 1]). Needs ``learned_variance=True``."""
-        if not self.learned_variance:
-            raise ValueError(
-                "this Denoiser has no variance head: build it with learned_variance=True and a network "
-                "with twice the data channels (DiffusionModule: learned_variance: true)"
-            )
-        x0, v = self._evaluate(x, sigma, **cond)
-        return x0, (v.to(x.dtype) + 1) / 2  # type: ignore[union-attr]
+        return self(x, sigma, return_variance=True, **cond)
 
     def variance_fraction(self, x: Tensor, sigma: Tensor | float, **cond: Tensor) -> Tensor:
         """The learned fraction ``frac(x, sigma)`` alone (see :meth:`denoise_with_variance`)."""

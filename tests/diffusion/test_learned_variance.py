@@ -422,3 +422,22 @@ def test_hybrid_loss_teaches_the_variance_head_past_both_fixed_variances():
         ]
     }
     assert bounds["learned"] < min(bounds["small"], bounds["large"]) - 0.03, bounds
+
+
+def test_learned_sampler_evaluations_are_seen_by_forward_hooks(mixture):
+    """tools/evaluate counts NFE with a forward pre-hook on the denoiser: the learned-variance sampler must
+    call the module (not a side method) once per step unguided, twice per step behind a guidance wrapper
+    (the wrapper's mean, CFG's two branches batched into one call, plus the head's fraction)."""
+    sigmas = GRIDS["loglinear"]
+    steps = len(sigmas) - 1
+    denoiser = Denoiser(MixtureTwoHead(mixture, 0.3), "x0", noise_conditioning="sigma", learned_variance=True)
+    calls = []
+    denoiser.register_forward_pre_hook(lambda *_: calls.append(1))
+    x = sigmas[0] * torch.randn(8, 2, generator=torch.Generator().manual_seed(3), dtype=F64)
+    cond = {"labels": torch.arange(8) % mixture.num_classes}
+    sample_ddpm(denoiser, x.clone(), sigmas, variance="learned", cond=cond)
+    assert len(calls) == steps
+    calls.clear()
+    guided = ClassifierFreeGuidance(denoiser, w=1.5, null_label=mixture.null_label)
+    sample_ddpm(guided, x.clone(), sigmas, variance="learned", cond=cond)
+    assert len(calls) == 2 * steps
