@@ -204,20 +204,35 @@ def evaluate_formulation(name: str, ckpt: Path, evaluate: Any, args: argparse.Na
     return rows
 
 
+def _or_dash(value: float | None) -> float | str:
+    return "-" if value is None else value
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    names = list(dict.fromkeys(r["formulation"] for r in rows))
+    colours = plt.get_cmap("tab10")
     for key in dict.fromkeys((r["formulation"], r["sampler"]) for r in rows):
         pts = sorted((r["nfe"], r["fid"]) for r in rows if (r["formulation"], r["sampler"]) == key)
-        ax.plot(*zip(*pts), marker="o", label=f"{key[0]}: {key[1]}")
+        native = [label for label, *_ in NATURAL_SAMPLERS.get(key[0], [])][:1] == [key[1]]
+        ax.plot(
+            *zip(*pts),
+            color=colours(names.index(key[0]) % 10),
+            linestyle="-" if native else "--",
+            marker="o" if native else "s",
+            markersize=4,
+            label=f"{key[0]}: {key[1]}",
+        )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("NFE (denoiser calls per sample)")
     ax.set_ylabel("FID (digits feature net)")
+    ax.set_title("solid: each formulation's native sampler; dashed: its second sampler", fontsize=8)
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
@@ -290,7 +305,7 @@ def main() -> None:
     table = [
         [
             r["formulation"], r["sampler"], r["steps"], r["nfe"], r.get("fid"), r.get("is_mean"),
-            r.get("class_accuracy"), nll[r["formulation"]]["bpd"], nll[r["formulation"]]["own_bound_bpd"],
+            r.get("class_accuracy"), nll[r["formulation"]]["bpd"], _or_dash(nll[r["formulation"]]["own_bound_bpd"]),
             r["seconds"],
         ]
         for r in rows
