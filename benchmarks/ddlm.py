@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from benchmarks._common import RESULTS_DIR, markdown_table, write_results
+from benchmarks._common import RESULTS_DIR, markdown_table, pyplot, write_results
 from benchmarks._models import CACHE, train_cached
 from diffusion_lab.data.ct import CTPhantoms
 from diffusion_lab.diffusion.ddlm import DDLMConfig, ddlm_denoise, estimate_noise_std
@@ -157,10 +157,7 @@ def methods(
 
 def plot(path: Path, panels: dict[str, list[Tensor]], dose_names: list[str], curves: dict[str, dict]) -> None:
     """Image grid (rows: a slice at a dose; columns: methods) and PSNR vs NFE per dose."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     columns = list(panels)
     rows = len(panels[columns[0]])

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._common import RESULTS_DIR, markdown_table, write_results
+from benchmarks._common import RESULTS_DIR, markdown_table, pyplot, write_results
 from benchmarks._models import CACHE, REPO, digits_teacher, train_cached
 from benchmarks.guided_distillation import Evaluator, timed
 from diffusion_lab.data.trajectories import TrajectoryData
@@ -130,10 +130,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def plot_fid_vs_nfe(rows: list[dict], path: Path) -> None:
     """FID vs network evaluations: one line per training-free teacher sampler, one point per 1-step model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in sorted({r["method"] for r in rows if r["model"].startswith("teacher")}):

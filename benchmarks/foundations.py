@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from benchmarks._common import RESULTS_DIR, markdown_table, write_results
+from benchmarks._common import RESULTS_DIR, markdown_table, pyplot, write_results
 from benchmarks._models import CACHE, REPO, train_cached
 
 CONFIGS = REPO / "configs"
@@ -209,10 +209,7 @@ def _or_dash(value: float | None) -> float | str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     names = list(dict.fromkeys(r["formulation"] for r in rows))

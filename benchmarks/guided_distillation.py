@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from benchmarks._common import RESULTS_DIR, markdown_table, write_results
+from benchmarks._common import RESULTS_DIR, markdown_table, pyplot, write_results
 from benchmarks._models import CACHE, REPO, digits_teacher, train_cached
 from diffusion_lab.data.digits import Digits
 from diffusion_lab.diffusion.guidance import ClassifierFreeGuidance
@@ -317,10 +317,7 @@ step for w > 0). Student: the checkpoint of each phase at its own step count (1 
 
 
 def plot(rows: list[dict], args: argparse.Namespace) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for w in sorted(set(r["w"] for r in rows)):

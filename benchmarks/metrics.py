@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from benchmarks._common import RESULTS_DIR, machine_info, markdown_table, timeit, write_results
+from benchmarks._common import RESULTS_DIR, machine_info, markdown_table, pyplot, timeit, write_results
 from diffusion_lab.metrics.distances import frechet_distance, kernel_inception_distance
 from diffusion_lab.metrics.factory import QualityConfig, build_fid, build_kid, quality_from_features
 from diffusion_lab.metrics.features import InceptionExtractor, PassThroughExtractor, build_feature_extractor
@@ -279,10 +279,7 @@ def main() -> None:
 
 
 def _plot(cost_rows: list[list]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     labels = [row[0].strip().split(" (")[0].split(":")[0] for row in cost_rows]
     fig, ax = plt.subplots(figsize=(7, 3.2))

@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks._common import RESULTS_DIR, machine_info, markdown_table, write_results
+from benchmarks._common import RESULTS_DIR, machine_info, markdown_table, pyplot, write_results
 from diffusion_lab.diffusion.analytic import toy_mixture_2d
 from diffusion_lab.diffusion.discrete import DiscreteEpsDenoiser
 from diffusion_lab.diffusion.samplers import SAMPLERS, karras_sigmas
@@ -120,10 +120,7 @@ def last_doubling_slope(points: list[tuple[int, float]]) -> float:
 
 
 def plot(curves: dict[str, list[tuple[int, float]]], floor: float, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 5))
     for label, points in curves.items():

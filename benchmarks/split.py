@@ -25,7 +25,7 @@ from functools import partial
 
 import torch
 
-from benchmarks._common import RESULTS_DIR, markdown_table, write_results
+from benchmarks._common import RESULTS_DIR, markdown_table, pyplot, write_results
 from benchmarks._models import REPO, digits_teacher, train_cached
 from diffusion_lab.diffusion.guidance import ClassifierGuidance
 from diffusion_lab.diffusion.samplers import karras_sigmas, sample
@@ -142,13 +142,7 @@ on ImageNet 256).
 
 
 def _plot(results: dict) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for name, rs in results.items():
         style = "*" if name == "ddim" and len(rs) == 1 else "o-"

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks._common import RESULTS_DIR, markdown_table, write_results
+from benchmarks._common import RESULTS_DIR, markdown_table, pyplot, write_results
 from benchmarks._models import CACHE, REPO, train_cached
 from benchmarks._rgb_prior import CONFIG as PRIOR_CONFIG
 from benchmarks._rgb_prior import heldout_crops, rgb_prior
@@ -237,13 +237,7 @@ Unguided samples of the prior (Heun, 18 steps; written at the end of its trainin
 
 
 def _plot(results: dict) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for name, rs in results.items():
         if name.startswith("unguided"):

@@ -38,7 +38,7 @@ from functools import partial
 
 import torch
 
-from benchmarks._common import RESULTS_DIR, markdown_table, write_results
+from benchmarks._common import RESULTS_DIR, markdown_table, pyplot, write_results
 from benchmarks._models import QUICKSTART, digits_teacher
 from diffusion_lab.diffusion.conditions import ConsistencyLoss
 from diffusion_lab.diffusion.samplers import SamplerConfig
@@ -250,13 +250,7 @@ def _time_ratios(per_task: dict[str, list[dict]], tolerance: float) -> dict:
 
 
 def _plot(results: dict, examples: dict[str, dict[str, torch.Tensor]]) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
+    plt = pyplot()
     tasks = list(examples)
     fig = plt.figure(figsize=(14, 8.5))
     grid = fig.add_gridspec(2, 2 * len(tasks), height_ratios=[1, 1.25])

@@ -30,7 +30,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from benchmarks._common import RESULTS_DIR, markdown_table, write_results
+from benchmarks._common import RESULTS_DIR, markdown_table, pyplot, write_results
 from diffusion_lab.data.digits import Digits, load_digits_tensors
 from diffusion_lab.diffusion.losses import DenoisingLoss, LogNormalSigma
 from diffusion_lab.diffusion.stf import target_covariance_trace
@@ -224,10 +224,7 @@ def plot(
     path: str,
     cifar: dict | None = None,
 ) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 3 if cifar else 2, figsize=(16.5 if cifar else 11, 4))
     ax1, ax2 = axes[0], axes[-1]
