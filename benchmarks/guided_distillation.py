@@ -161,6 +161,9 @@ def main() -> None:
         "runs with overrides are cached in their own folder",
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny budgets everywhere")
+    parser.add_argument(
+        "--name", default="guided_distillation", help="results file name under benchmarks/results/"
+    )
     args = parser.parse_args()
     overrides: list[str] = list(args.train_override)
     if args.quick:
@@ -313,7 +316,7 @@ step for w > 0). Student: the checkpoint of each phase at its own step count (1 
 
 ![FID vs NFE](guided_distillation.png)
 """
-    write_results("guided_distillation", text, headline)
+    write_results(args.name, text, headline)
 
 
 def plot(rows: list[dict], args: argparse.Namespace) -> None:
@@ -351,7 +354,7 @@ def plot(rows: list[dict], args: argparse.Namespace) -> None:
     axes[1].set(xlabel="guidance strength w", ylabel="class accuracy (feature net)")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(RESULTS_DIR / "guided_distillation.png", dpi=120)
+    fig.savefig(RESULTS_DIR / f"{args.name}.png", dpi=120)
 
 
 if __name__ == "__main__":
