@@ -97,6 +97,26 @@ def load_teacher_denoiser_weights(
     denoiser.load_state_dict(state, strict=True)
 
 
+def load_teacher_for_fit(
+    denoiser: nn.Module, checkpoint: str | Path | None, config: str | Path | None, fast_dev_run: bool
+) -> None:
+    """At the start of a fresh fit, load the teacher checkpoint's denoiser weights into ``denoiser``. Under
+    ``fast_dev_run`` a missing checkpoint only warns (every config is smoke-tested in CI, where no teacher is
+    trained) and the untrained teacher is used; otherwise a missing file raises (``load_teacher_denoiser_weights``).
+    No checkpoint: nothing is loaded (the caller decides whether that is allowed)."""
+    if checkpoint is None:
+        return
+    if fast_dev_run and not resolve_path(checkpoint).is_file():
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        rank_zero_warn(
+            f"fast_dev_run: teacher checkpoint '{checkpoint}' does not exist; smoke-testing with the untrained "
+            "teacher (a real fit refuses this)"
+        )
+        return
+    load_teacher_denoiser_weights(denoiser, checkpoint, config if config is not None else "its config")
+
+
 def teacher_denoiser(teacher: nn.Module) -> nn.Module:
     """The denoiser to distil: a module's EMA denoiser, its ``denoiser``, or the module itself."""
     ema = getattr(teacher, "ema", None)

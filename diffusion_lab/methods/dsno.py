@@ -35,8 +35,7 @@ from diffusion_lab.methods.diffusion import DiffusionModule
 from diffusion_lab.methods.distillation_student import (
     add_guidance_embedding,
     load_teacher,
-    load_teacher_denoiser_weights,
-    resolve_path,
+    load_teacher_for_fit,
     teacher_denoiser,
 )
 from diffusion_lab.methods.ema import EMA
@@ -280,13 +279,12 @@ class DSNO(DataShapeMixin, L.LightningModule):
                 )
         if bool(self.initialized) or self.trainer.ckpt_path is not None:
             return
-        checkpoint = self.hparams.teacher_checkpoint
-        if checkpoint is not None and self.trainer.fast_dev_run and not resolve_path(checkpoint).is_file():
-            rank_zero_warn(
-                f"fast_dev_run: teacher checkpoint '{checkpoint}' does not exist; using the untrained teacher"
-            )
-        elif checkpoint is not None:
-            load_teacher_denoiser_weights(self.teacher, checkpoint, self.hparams.teacher_config)
+        load_teacher_for_fit(
+            self.teacher,
+            self.hparams.teacher_checkpoint,
+            self.hparams.teacher_config,
+            bool(self.trainer.fast_dev_run),
+        )
         self.init_from_teacher()
 
     # ------------------------------------------------------------------ training

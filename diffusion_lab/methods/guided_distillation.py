@@ -59,8 +59,7 @@ from diffusion_lab.methods.distillation_student import (
     DistilledSamplerConfig,
     copy_teacher_weights,
     load_teacher,
-    load_teacher_denoiser_weights,
-    resolve_path,
+    load_teacher_for_fit,
     sample_on_grid,
     student_from_teacher,
     teacher_denoiser,
@@ -325,21 +324,14 @@ class GuidedDistillation(DataShapeMixin, L.LightningModule):
         if bool(self.initialized) or self.trainer.ckpt_path is not None:
             return
         checkpoint = self.hparams.teacher_checkpoint
-        if checkpoint is not None and self.trainer.fast_dev_run and not resolve_path(checkpoint).is_file():
-            # A wiring smoke test (every config runs fast_dev_run in CI, where no teacher is trained).
-            rank_zero_warn(
-                f"fast_dev_run: teacher checkpoint '{checkpoint}' does not exist; smoke-testing with the untrained "
-                "teacher (a real fit refuses this)"
-            )
-        elif checkpoint is not None:
-            load_teacher_denoiser_weights(
-                self.teacher, self.hparams.teacher_checkpoint, self.hparams.teacher_config
-            )
-        elif self.hparams.teacher_config is not None:
+        if checkpoint is None and self.hparams.teacher_config is not None:
             raise FileNotFoundError(
                 "teacher_checkpoint is not set: distilling an untrained teacher is meaningless; set "
                 f"model.init_args.teacher_checkpoint to a checkpoint of {self.hparams.teacher_config}"
             )
+        load_teacher_for_fit(
+            self.teacher, checkpoint, self.hparams.teacher_config, bool(self.trainer.fast_dev_run)
+        )
         if self.derived_student:
             copy_teacher_weights(self.student, self.teacher)
         if self.ema is not None:
