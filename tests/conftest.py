@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -35,3 +37,12 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.Comp
 @pytest.fixture
 def cli_runner():
     return run_cli
+
+
+@pytest.fixture
+def quiet_lightning():
+    """Lightning's info logs and warnings silenced for the test (modules opt in with ``usefixtures``)."""
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield

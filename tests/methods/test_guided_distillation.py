@@ -8,7 +8,6 @@ mid-phase keeps the frozen phase teacher and the optimiser state; bad schedules 
 
 from __future__ import annotations
 
-import logging
 import warnings
 from functools import partial
 from pathlib import Path
@@ -42,12 +41,7 @@ MIXTURE = toy_mixture_2d()
 NULL = MIXTURE.null_label  # 3
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_lightning")
 
 
 def _loader(n: int = 20000, batch_size: int = 256, seed: int = 0) -> torch.utils.data.DataLoader:

@@ -12,8 +12,6 @@ are the encoder's latents bit for bit; strength 0 is ``D(E(x))`` exactly; a stre
 from __future__ import annotations
 
 import csv
-import logging
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -47,12 +45,7 @@ SCHEDULE = KarrasTime(0.002, 80.0, 7.0)
 NUM_IMAGES = 10
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_lightning")
 
 
 @pytest.fixture(scope="module")

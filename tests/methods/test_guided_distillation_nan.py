@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import warnings
 from functools import partial
 from pathlib import Path
 
@@ -30,12 +29,7 @@ from diffusion_lab.reliability.faults import InjectNonFinite
 MIXTURE = toy_mixture_2d()
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_lightning")
 
 
 class Snapshots(L.Callback):
