@@ -15,6 +15,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from state_compare import optimizer_states_equal, states_equal
 
 from diffusion_lab.data.toy import GaussianMixture2D
 from diffusion_lab.diffusion.analytic import toy_mixture_2d
@@ -81,16 +82,6 @@ def _fit(module: L.LightningModule, tmp_path: Path, max_steps: int, *callbacks: 
     return trainer
 
 
-def _equal(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def _optimizer_equal(a: dict, b: dict) -> bool:
-    return a["state"].keys() == b["state"].keys() and all(
-        _equal(a["state"][k], b["state"][k]) for k in a["state"]
-    )
-
-
 def test_a_nan_batch_skips_the_update_and_counts_it(tmp_path, caplog):
     # step 2: stage 1; step 6: inside the 2-step phase (after its fresh optimiser), so both losses are covered
     guard, snapshots, inject = NaNGuard(max_consecutive=3), Snapshots(), InjectNonFinite([2, 6], "batch")
@@ -100,11 +91,11 @@ def test_a_nan_batch_skips_the_update_and_counts_it(tmp_path, caplog):
     assert inject.injected == 2 and guard.skipped_total == 2 and guard.consecutive == 0
     at = snapshots.at
     for step in (2, 6):  # the skipped update left student, EMA and Adam exactly as they were
-        assert _equal(at[step]["weights"], at[step + 1]["weights"])
-        assert _equal(at[step]["ema"], at[step + 1]["ema"])
-        assert _optimizer_equal(at[step]["optimizer"], at[step + 1]["optimizer"])
+        assert states_equal(at[step]["weights"], at[step + 1]["weights"])
+        assert states_equal(at[step]["ema"], at[step + 1]["ema"])
+        assert optimizer_states_equal(at[step]["optimizer"], at[step + 1]["optimizer"])
     for step in (1, 3, 5, 7):  # good steps train
-        assert not _equal(at[step]["weights"], at[step + 1]["weights"])
+        assert not states_equal(at[step]["weights"], at[step + 1]["weights"])
     # Adam's step count: 4 stage-1 steps minus the skipped one; the phase's fresh state counts from step 4 on
     assert int(at[4]["optimizer"]["state"][0]["step"]) == 3
     assert int(at[8]["optimizer"]["state"][0]["step"]) == 4 - 1

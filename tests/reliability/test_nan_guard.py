@@ -12,6 +12,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from state_compare import optimizer_states_equal, states_equal
 
 from diffusion_lab.data.toy import GaussianMixture2D
 from diffusion_lab.methods.diffusion import DiffusionModule
@@ -60,16 +61,6 @@ def _fit(
     return trainer
 
 
-def _equal(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def _optimizer_equal(a: dict, b: dict) -> bool:
-    return a["state"].keys() == b["state"].keys() and all(
-        _equal(a["state"][k], b["state"][k]) for k in a["state"]
-    )
-
-
 @pytest.mark.parametrize("where", ["batch", "loss", "gradient"])
 def test_nonfinite_steps_are_skipped_counted_and_logged(tmp_path, caplog, where):
     guard, snapshots = NaNGuard(max_consecutive=3), Snapshots()
@@ -79,11 +70,11 @@ def test_nonfinite_steps_are_skipped_counted_and_logged(tmp_path, caplog, where)
     assert inject.injected == 3 and guard.skipped_total == 3 and guard.consecutive == 0
     at = snapshots.at
     for step in (2, 3, 5):  # a skipped update leaves everything exactly as it was
-        assert _equal(at[step]["weights"], at[step + 1]["weights"])
-        assert _equal(at[step]["ema"], at[step + 1]["ema"])
-        assert _optimizer_equal(at[step]["optimizer"], at[step + 1]["optimizer"])
+        assert states_equal(at[step]["weights"], at[step + 1]["weights"])
+        assert states_equal(at[step]["ema"], at[step + 1]["ema"])
+        assert optimizer_states_equal(at[step]["optimizer"], at[step + 1]["optimizer"])
     for step in (1, 4):  # good steps do update
-        assert not _equal(at[step]["weights"], at[step + 1]["weights"])
+        assert not states_equal(at[step]["weights"], at[step + 1]["weights"])
     assert int(at[6]["ema"]["num_updates"]) == 6 - 3
     assert int(at[6]["optimizer"]["state"][0]["step"]) == 6 - 3  # Adam's bias correction did not advance
     assert float(trainer.callback_metrics["reliability/skipped_updates"]) == 3.0
