@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from reference_ode import rk4_integrate
 from torch.distributions import MultivariateNormal
 
 from diffusion_lab.diffusion.analytic import GaussianMixture, toy_mixture_2d
@@ -248,14 +249,7 @@ def ode_problem():
         return (x - model(x, torch.full((x.shape[0],), sigma, dtype=F64))) / sigma
 
     levels = torch.linspace(math.log(SIGMA_MAX), math.log(SIGMA_MIN), 401, dtype=F64).exp().tolist()
-    y = x
-    for s, t in zip(levels[:-1], levels[1:]):
-        h = t - s
-        k1 = derivative(y, s)
-        k2 = derivative(y + h / 2 * k1, s + h / 2)
-        k3 = derivative(y + h / 2 * k2, s + h / 2)
-        k4 = derivative(y + h * k3, t)
-        y = y + h * (k1 + 2 * k2 + 2 * k3 + k4) / 6
+    y = rk4_integrate(derivative, x, levels)
     return model, x, y
 
 

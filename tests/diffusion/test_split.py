@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from reference_ode import rk4_integrate
 
 from diffusion_lab.diffusion.analytic import GaussianMixture, toy_mixture_2d
 from diffusion_lab.diffusion.conditions import (
@@ -58,14 +59,7 @@ def guided_problem(std, scale, points=32, rk4_steps=400):
         return (y - guide(y, torch.full((points,), s, dtype=F64), **cond)) / s
 
     levels = torch.linspace(math.log(SIGMA_MAX), math.log(SIGMA_MIN), rk4_steps + 1, dtype=F64).exp().tolist()
-    y = x
-    for s, t in zip(levels[:-1], levels[1:]):
-        h = t - s
-        k1 = derivative(y, s)
-        k2 = derivative(y + h / 2 * k1, s + h / 2)
-        k3 = derivative(y + h / 2 * k2, s + h / 2)
-        k4 = derivative(y + h * k3, t)
-        y = y + h * (k1 + 2 * k2 + 2 * k3 + k4) / 6
+    y = rk4_integrate(derivative, x, levels)
     return guide, x, cond, y
 
 
