@@ -135,7 +135,10 @@ def sample_pc(
             noise = randn_like(x, generator)
             score_norm = (corrector_denoised - x).flatten(1).norm(dim=1).mean() / sigma_next**2
             noise_norm = noise.flatten(1).norm(dim=1).mean()
-            eps = 2 * (snr * noise_norm / score_norm.clamp_min(1e-30)) ** 2
+            eps = 2 * (snr * noise_norm / score_norm) ** 2
+            # A zero score norm (D(x) == x: the score is below the dtype's resolution, e.g. bfloat16 at tiny
+            # sigma) makes the step infinite and the sample NaN; with no score there is no Langevin move.
+            eps = torch.where(torch.isfinite(eps), eps, torch.zeros_like(eps))
             x = langevin_update(x, corrector_denoised, sigma_next, 2 * eps, noise)
     return x
 
