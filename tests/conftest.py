@@ -11,6 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
+
+# Property tests draw the same examples on every run unless asked otherwise, so CI is reproducible: a new
+# failing case is found on purpose (HYPOTHESIS_PROFILE=explore, random draws, 10x the examples) and then pinned
+# with @example, never met by chance on an unrelated commit.
+settings.register_profile("ci", derandomize=True, database=None, max_examples=40)
+settings.register_profile("explore", derandomize=False, max_examples=400)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 REPO = Path(__file__).resolve().parents[1]
 

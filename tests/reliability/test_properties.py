@@ -24,7 +24,7 @@ from diffusion_lab.nets.mlp import MLP
 SIGMA_MIN, SIGMA_MAX = 1e-4, 1e3
 DTYPES = [torch.float32, torch.bfloat16]
 FAST_OPTIONS = {"annealed_langevin": {"n_steps_each": 2}}
-PROPERTY = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPERTY = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 log_sigma = st.floats(math.log(SIGMA_MIN), math.log(SIGMA_MAX))
 
