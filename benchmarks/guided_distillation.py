@@ -30,7 +30,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shlex
 import shutil
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -110,6 +112,28 @@ class Evaluator:
             self.reference, features, labels=labels, predicted=logits.argmax(1), config=self.config
         )
 
+    def fid_ratio_spread(self, numerator: Tensor, denominator: Tensor, reps: int = 200) -> dict[str, float]:
+        """Paired bootstrap of FID(numerator) / FID(denominator) over sample indices (the same resampled indices
+        for both, as both were drawn from the same noise): how much of a ratio is the finite sample. Resampling
+        with replacement repeats samples, so the spread is indicative, not an exact interval."""
+        first, second = self._features(numerator)[0], self._features(denominator)[0]
+        generator = torch.Generator().manual_seed(0)
+
+        def fid(features: Tensor) -> float:
+            return quality_from_features(self.reference, features, config=self.config)["fid"]
+
+        ratios = []
+        for _ in range(reps):
+            index = torch.randint(0, len(first), (len(first),), generator=generator)
+            ratios.append(fid(first[index]) / fid(second[index]))
+        r = torch.tensor(ratios, dtype=torch.float64)
+        return {
+            "std": r.std().item(),
+            "q05": r.quantile(0.05).item(),
+            "q95": r.quantile(0.95).item(),
+            "fraction_above_1.10": (r > 1.10).double().mean().item(),
+        }
+
 
 def timed(draw, noise: Tensor, labels: Tensor, batch: int) -> tuple[Tensor, float]:
     """Samples drawn batch by batch, and the wall time per sample."""
@@ -187,7 +211,7 @@ def main() -> None:
         args.teacher_steps = [2, 4]
         overrides += [
             "--model.init_args.stage1_iterations=4",
-            "--model.init_args.phase_iterations=[2, 2, 2, 2]",
+            "--model.init_args.phase_iterations=2",
         ]
     if args.headline_w not in args.w:
         args.w.append(args.headline_w)
@@ -210,6 +234,7 @@ def main() -> None:
     teacher_cache = CACHE / "digits_teacher" / f"guided_distillation_samples_{args.num_samples}"
     teacher_cache.mkdir(parents=True, exist_ok=True)
     reference: Tensor | None = None  # the teacher's samples at the most steps, for the same w
+    headline_samples: dict[tuple[str, int], Tensor] = {}
 
     def record(model: str, steps: int, nfe: int, w: float, draw, method: str = "ddim") -> Tensor:
         cached = teacher_cache / f"w{w}_steps{steps}.pt"
@@ -226,6 +251,8 @@ def main() -> None:
         row |= evaluate(samples, labels) | {"ms_per_sample": 1000 * seconds}
         row["rmse_to_teacher"] = rms_distance(samples, reference) if reference is not None else 0.0
         rows.append(row)
+        if w == args.headline_w and method == "ddim":
+            headline_samples[model, steps] = samples
         print(
             f"  {model:15s} {method:21s} w={w:<4} steps={steps:<4} NFE={nfe:<4} FID={row['fid']:.3f} "
             f"acc={row['class_accuracy']:.3f} rmse={row['rmse_to_teacher']:.3f} {row['ms_per_sample']:.2f} ms/sample"
@@ -245,6 +272,9 @@ def main() -> None:
                 record("student", n, n, w, draw, "distilled_stochastic")
 
     headline = headline_numbers(rows, args, train_seconds)
+    headline["fid_ratio_bootstrap"] = evaluate.fid_ratio_spread(
+        headline_samples["student", 4], headline_samples["teacher", max(args.teacher_steps)]
+    )
     write_report(rows, headline, args)
     plot(rows, args)
 
@@ -314,6 +344,12 @@ def by_w(rows: list[dict], metric: str) -> str:
     )
 
 
+def command_options() -> str:
+    """The options this run was given (`` -- --w 1.0 ...``), so a results file says how to reproduce it."""
+    options = sys.argv[1:]
+    return f" -- {shlex.join(options)}" if options else ""
+
+
 def write_report(rows: list[dict], headline: dict, args: argparse.Namespace) -> None:
     table = markdown_table(
         ["model", "sampler", "w", "steps", "NFE", "FID", "class acc.", "RMS to teacher", "ms / sample"],
@@ -333,6 +369,7 @@ def write_report(rows: list[dict], headline: dict, args: argparse.Namespace) -> 
         ],
     )
     h = headline
+    b = h["fid_ratio_bootstrap"]
     cached_note = (
         "\nTeacher samples and their wall times were reused from an earlier run of this benchmark with the same\n"
         "teacher, noise and labels (`benchmarks/.cache/digits_teacher/guided_distillation_samples_*/`)."
@@ -342,8 +379,8 @@ def write_report(rows: list[dict], headline: dict, args: argparse.Namespace) -> 
     speed = "not reached in the sweep" if h["nfe_speedup"] is None else f"**{h['nfe_speedup']:.3g}x**"
     text = f"""# Guided distillation on digits (Meng et al. 2023): distilled student vs guided teacher
 
-Command: `OMP_NUM_THREADS=1 python -m benchmarks guided_distillation` (distillation run cached under
-`benchmarks/.cache/guided_distillation/`; distillation took {h["distillation_train_seconds"] or float("nan"):.0f} s
+Command: `OMP_NUM_THREADS=1 python -m benchmarks guided_distillation{command_options()}` (distillation run cached
+under `benchmarks/.cache/`; distillation took {h["distillation_train_seconds"] or float("nan"):.0f} s
 of wall time through the CLI, `configs/distillation/digits.yaml`). {args.num_samples} samples per row (labels
 cycling over the 10 classes, the same noise for every row), FID and class accuracy on the shipped digits feature
 net against the digits training split. Teacher: DDIM + classifier-free guidance on the same time grid (2 NFE per
@@ -354,7 +391,9 @@ step for w > 0). Student: the checkpoint of each phase at its own step count (1 
 * 4-step student: FID {h["student4_fid"]:.3f}, class accuracy {h["student4_class_accuracy"]:.3f}.
 * Teacher at {h["teacher_full_steps"]} steps ({h["teacher_full_nfe"]} NFE): FID {h["teacher_full_fid"]:.3f},
   class accuracy {h["teacher_full_class_accuracy"]:.3f}.
-* `fid_ratio` (student-4 / teacher-{h["teacher_full_steps"]}) = **{h["fid_ratio"]:.3f}** (goal: <= 1.10).
+* `fid_ratio` (student-4 / teacher-{h["teacher_full_steps"]}) = **{h["fid_ratio"]:.3f}** (goal: <= 1.10); finite-sample
+  spread (paired bootstrap, `fid_ratio_bootstrap`): std {b["std"]:.3f}, 5-95 % {b["q05"]:.3f}-{b["q95"]:.3f},
+  {100 * b["fraction_above_1.10"]:.0f} % of resamples above 1.10.
 * `nfe_speedup` at equal quality (fewest teacher NFE in the sweep with FID <= the student's, / 4) = {speed};
   vs the full teacher: {h["nfe_speedup_vs_full_teacher"]:.0f}x fewer evaluations,
   {h["time_speedup_vs_full_teacher"]:.0f}x less wall time per sample.
