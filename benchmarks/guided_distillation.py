@@ -51,9 +51,8 @@ from diffusion_lab.metrics.features import build_feature_extractor
 from diffusion_lab.metrics.reference_stats import ReferenceStats
 
 CONFIG = REPO / "configs" / "distillation" / "digits.yaml"
-STAGE1 = (
-    "stage-1 student"  # the w-conditioned student before step distillation (sampled at its teacher's steps)
-)
+# row label of the w-conditioned student before step distillation (sampled at its first stage-2 teacher's steps)
+STAGE1 = "stage-1 student"
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -171,8 +170,10 @@ def rms_distance(samples: Tensor, reference: Tensor) -> float:
     return (samples.double() - reference.double()).square().mean().sqrt().item()
 
 
-def first_teacher_nfe_at_least_as_good(rows: list[dict], w: float, fid: float) -> int | None:
-    candidates = [r["nfe"] for r in rows if r["model"] == "teacher" and r["w"] == w and r["fid"] <= fid]
+def first_teacher_nfe_at_least_as_good(rows: list[dict], w: float, metric: str, value: float) -> int | None:
+    """Fewest teacher NFE at guidance ``w`` whose ``metric`` (lower is better: ``fid``, ``rmse_to_teacher``) is
+    at most ``value``; None if no teacher row in the sweep is that good."""
+    candidates = [r["nfe"] for r in rows if r["model"] == "teacher" and r["w"] == w and r[metric] <= value]
     return min(candidates) if candidates else None
 
 
@@ -291,13 +292,10 @@ def headline_numbers(rows: list[dict], args: argparse.Namespace, train_seconds: 
         return match[0] if match else None
 
     student4, teacher_full = pick("student", 4), pick("teacher", max(args.teacher_steps))
-    equal = first_teacher_nfe_at_least_as_good(rows, w, student4["fid"])
+    equal = first_teacher_nfe_at_least_as_good(rows, w, "fid", student4["fid"])
     equal_row = next((r for r in rows if r["model"] == "teacher" and r["w"] == w and r["nfe"] == equal), None)
-    as_close = min(
-        r["nfe"]
-        for r in rows
-        if r["model"] == "teacher" and r["w"] == w and r["rmse_to_teacher"] <= student4["rmse_to_teacher"]
-    )
+    # never None: the reference teacher row itself has distance 0
+    as_close = first_teacher_nfe_at_least_as_good(rows, w, "rmse_to_teacher", student4["rmse_to_teacher"])
     return {
         "headline_w": w,
         "num_samples": args.num_samples,
